@@ -1,0 +1,62 @@
+"""One figure style for the whole book: every method keeps its colour in every chapter.
+
+Use ``plotting.setup()`` at the top of a chapter and ``COLORS[name]`` (or :func:`color`) for each curve.
+"""
+from __future__ import annotations
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+
+COLORS: dict[str, str] = {
+    # references
+    "exact": "#000000",          # closed forms, exact laws
+    "data": "#7f7f7f",           # the data / pretrained law
+    "pretrained": "#7f7f7f",
+    "naive-tilt": "#bcbd22",     # p e^{r/beta} / Z
+    "learned": "#17becf",        # a learned score model
+    # samplers
+    "em": "#1f77b4",
+    "ddim": "#ff7f0e",
+    "pf-euler": "#2ca02c",
+    "pf-heun": "#d62728",
+    # fine-tuning algorithms
+    "ctpo": "#1f77b4",
+    "ctpo-pathwise": "#aec7e8",
+    "ddpo": "#d62728",
+    "dpok": "#2ca02c",
+    "backprop": "#9467bd",
+    "optimal": "#000000",
+}
+
+
+def color(name: str) -> str:
+    """The book-wide colour of a method or reference curve."""
+    if name not in COLORS:
+        raise KeyError(f"no colour for {name!r}; add it to sacode.plotting.COLORS (known: {', '.join(COLORS)})")
+    return COLORS[name]
+
+
+def setup() -> None:
+    """Book-wide matplotlib defaults (readable at the book's column width)."""
+    mpl.rcParams.update({
+        "figure.figsize": (6.4, 4.0),
+        "figure.dpi": 100,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "legend.frameon": False,
+        "font.size": 10,
+    })
+
+
+def loglog_slope_label(ax, x, y, label: str, **kw) -> float:
+    """Plot y against x on log-log axes and return the least-squares slope (shown in the legend)."""
+    import numpy as np
+
+    slope = float(np.polyfit(np.log(x), np.log(y), 1)[0])
+    ax.loglog(x, y, "o-", label=f"{label} (slope {slope:.2f})", **kw)
+    return slope
+
+
+__all__ = ["COLORS", "color", "setup", "loglog_slope_label", "plt"]

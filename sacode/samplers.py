@@ -1,0 +1,264 @@
+"""Samplers for the reverse-time dynamics on any time grid, with one signature.
+
+Every sampler integrates in RL time t = T - s from the noise end (s = T) to the data end of ``grid``.
+One step maps x_k at diffusion time s_k to x_{k+1} at s_{k+1} < s_k. A stochastic step is Gaussian,
+
+    x_{k+1} = mean_k(x_k) + std_k * z,   z ~ N(0, I),
+
+and the sampler can record that mean, std and the transition log-density log N(x_{k+1}; mean_k, std_k^2 I)
+*summed over dimensions* (DESIGN.md decision 6). Methods:
+
+=============  =======================================================================================
+``"em"``       Euler-Maruyama on dX = [-f + (1+eta^2)/2 g^2 score] dt + eta g dB (eta = 1: reverse SDE)
+``"ddim"``     DDIM(eta) (Song, Meng, Ermon 2021, eq. 12) for any linear SDE; eta = 1 is the DDPM ancestral
+               step, eta = 0 the deterministic DDIM step
+``"pf-euler"`` Euler on the probability-flow ODE dX = [-f + g^2 score / 2] dt
+``"pf-heun"``  Heun (explicit trapezoid, 2nd order) on the probability-flow ODE (Karras et al. 2022, Alg. 1)
+=============  =======================================================================================
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._shapes import as_time, expand_time, sum_event
+from .sde import LinearSDE, ScoreFn
+from .time import rl_time
+
+METHODS = ("em", "ddim", "pf-euler", "pf-heun")
+STOCHASTIC = {"em": True, "ddim": True, "pf-euler": False, "pf-heun": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# time grids
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TimeGrid:
+    """Diffusion times s_0 = T > s_1 > ... > s_K >= 0 visited by a sampler; ``t`` gives RL times."""
+
+    s: Tensor
+    T: float
+
+    def __post_init__(self):
+        s = torch.as_tensor(self.s, dtype=torch.float64)
+        object.__setattr__(self, "s", s)
+        if s.ndim != 1 or s.numel() < 2:
+            raise ValueError(f"a time grid needs at least 2 times in a 1-D tensor; got shape {tuple(s.shape)}")
+        if not bool((s[1:] < s[:-1]).all()):
+            raise ValueError("diffusion times of a grid must decrease strictly (from noise s=T to data)")
+        if float(s[0]) > self.T + 1e-12 or float(s[-1]) < 0:
+            raise ValueError(f"grid times must lie in [0, T={self.T}]; got [{float(s[-1])}, {float(s[0])}]")
+
+    @property
+    def t(self) -> Tensor:
+        """RL times t_k = T - s_k (increasing)."""
+        return rl_time(self.s, self.T)
+
+    @property
+    def K(self) -> int:
+        return self.s.numel() - 1
+
+    @property
+    def dt(self) -> Tensor:
+        """Step lengths t_{k+1} - t_k > 0."""
+        return self.s[:-1] - self.s[1:]
+
+    @classmethod
+    def uniform(cls, T: float, K: int, s_end: float = 0.0) -> "TimeGrid":
+        """K equal steps from s = T to s = s_end."""
+        return cls(torch.linspace(T, s_end, K + 1, dtype=torch.float64), T)
+
+    @classmethod
+    def power(cls, T: float, K: int, rho: float = 2.0, s_end: float = 0.0) -> "TimeGrid":
+        """Non-uniform grid s_k = s_end + (T - s_end)(1 - k/K)^rho: steps shrink towards the data end."""
+        u = torch.linspace(0, 1, K + 1, dtype=torch.float64)
+        return cls(s_end + (T - s_end) * (1 - u) ** rho, T)
+
+    @classmethod
+    def random(cls, T: float, K: int, generator: torch.Generator | None = None, s_end: float = 0.0) -> "TimeGrid":
+        """K steps with uniformly random interior times (a fresh grid per batch)."""
+        inner = torch.sort(torch.rand(K - 1, generator=generator, dtype=torch.float64), descending=True).values
+        return cls(torch.cat([torch.tensor([T]), s_end + (T - s_end) * inner, torch.tensor([s_end])]).double(), T)
+
+
+# ------------------------------------------------------------------------------------------------
+# one step of each method
+# ------------------------------------------------------------------------------------------------
+class Step(NamedTuple):
+    x_next: Tensor
+    mean: Tensor          # mean of x_next given x (equals x_next for deterministic steps)
+    std: Tensor           # per-sample std, shape (n,); zeros for deterministic steps
+    score: Tensor         # score used at (s_cur, x): the action of chapter 3
+
+
+def em_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, noise: Tensor | None,
+            eta: float = 1.0) -> Step:
+    """Euler-Maruyama step of the eta-family in RL time: mean = x + b dt, std = eta g(s_cur) sqrt(dt)."""
+    s = as_time(s_cur, x)
+    h = s - as_time(s_next, x)
+    score = score_fn(s, x)
+    mean = x + expand_time(h, x) * sde.reverse_drift(s, x, score, eta)
+    std = eta * sde.g(s) * torch.sqrt(h)
+    return Step(_add_noise(mean, std, noise), mean, std, score)
+
+
+def ddim_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, noise: Tensor | None,
+              eta: float = 1.0) -> Step:
+    """DDIM(eta) step written with alpha, sigma of any linear SDE.
+
+    x0_hat = (x + sigma_c^2 score)/alpha_c, eps_hat = -sigma_c score,
+    x_next = alpha_n x0_hat + sqrt(sigma_n^2 - c^2) eps_hat + c z,
+    c^2 = eta^2 sigma_n^2 (1 - alpha_c^2 sigma_n^2 / (alpha_n^2 sigma_c^2)).
+    For VP this is c^2 = eta^2 (1 - abar_n)/(1 - abar_c) (1 - abar_c/abar_n), and eta = 1 is DDPM's posterior step.
+    """
+    sc, sn = as_time(s_cur, x), as_time(s_next, x)
+    a_c, a_n, g_c, g_n = sde.alpha(sc), sde.alpha(sn), sde.sigma(sc), sde.sigma(sn)
+    score = score_fn(sc, x)
+    x0 = (x + expand_time(g_c**2, x) * score) / expand_time(a_c, x)
+    eps = -expand_time(g_c, x) * score
+    c2 = (eta**2) * g_n**2 * (1.0 - (a_c * g_n) ** 2 / (a_n * g_c) ** 2)
+    c2 = c2.clamp_min(0.0)
+    mean = expand_time(a_n, x) * x0 + expand_time(torch.sqrt((g_n**2 - c2).clamp_min(0.0)), x) * eps
+    std = torch.sqrt(c2)
+    return Step(_add_noise(mean, std, noise), mean, std, score)
+
+
+def pf_euler_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, noise=None, eta: float = 0.0) -> Step:
+    """Euler step of the probability-flow ODE."""
+    s = as_time(s_cur, x)
+    h = s - as_time(s_next, x)
+    score = score_fn(s, x)
+    x_next = x + expand_time(h, x) * sde.pf_ode_drift(s, x, score)
+    return Step(x_next, x_next, torch.zeros_like(s), score)
+
+
+def pf_heun_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, noise=None, eta: float = 0.0) -> Step:
+    """Heun step (predictor Euler, trapezoidal corrector) of the probability-flow ODE; local error O(h^3)."""
+    s, sn = as_time(s_cur, x), as_time(s_next, x)
+    h = expand_time(s - sn, x)
+    score = score_fn(s, x)
+    d1 = sde.pf_ode_drift(s, x, score)
+    x_pred = x + h * d1
+    d2 = sde.pf_ode_drift(sn, x_pred, score_fn(sn, x_pred))
+    x_next = x + 0.5 * h * (d1 + d2)
+    return Step(x_next, x_next, torch.zeros_like(s), score)
+
+
+STEPS: dict[str, Callable[..., Step]] = {"em": em_step, "ddim": ddim_step, "pf-euler": pf_euler_step,
+                                         "pf-heun": pf_heun_step}
+
+
+def _add_noise(mean: Tensor, std: Tensor, noise: Tensor | None) -> Tensor:
+    if noise is None:
+        return mean
+    return mean + expand_time(std, mean) * noise
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std^2 I) summed over the event dimensions; std has shape (n,). Returns (n,)."""
+    d = x[0].numel()
+    var = std**2
+    return -0.5 * sum_event((x - mean) ** 2) / var - 0.5 * d * torch.log(2 * math.pi * var)
+
+
+def get_step(method: str) -> Callable[..., Step]:
+    if method not in STEPS:
+        raise ValueError(f"unknown sampler method {method!r}; choose one of {', '.join(METHODS)}")
+    return STEPS[method]
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampler
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Trajectory:
+    """A sampled batch of trajectories. ``x`` is the terminal state (RL time T); the rest is recorded on request.
+
+    xs (K+1, n, *event) states; scores (K, n, *event) the score (action) used at each step;
+    means (K, n, *event) and stds (K, n) of each Gaussian transition; log_probs (K, n) their log-densities
+    at the realised next state, summed over dimensions (None for deterministic methods).
+    """
+
+    x: Tensor
+    grid: TimeGrid
+    method: str
+    eta: float
+    xs: Tensor | None = None
+    scores: Tensor | None = None
+    means: Tensor | None = None
+    stds: Tensor | None = None
+    log_probs: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def reverse_sde_sample(sde: LinearSDE, score_fn: ScoreFn, x_init: Tensor, grid: TimeGrid, method: str = "em",
+                       eta: float = 1.0, generator: torch.Generator | None = None, record: bool = False,
+                       noises: Tensor | None = None) -> Trajectory:
+    """Integrate the reverse-time dynamics from ``x_init`` (at s = grid.s[0]) along ``grid``.
+
+    Args:
+        sde: the forward SDE whose reversal is simulated.
+        score_fn: ``score(s, x)``, exact or learned.
+        x_init: initial states, shape (n, *event), usually ``sde.prior_sample``.
+        grid: the diffusion-time grid (see :class:`TimeGrid`).
+        method: one of ``"em"``, ``"ddim"``, ``"pf-euler"``, ``"pf-heun"``.
+        eta: noise level of ``em`` / ``ddim`` (1: reverse SDE / DDPM, 0: deterministic).
+        generator: torch generator for the Gaussian noise.
+        record: keep states, scores, transition means, stds and log-densities.
+        noises: optional pre-drawn standard normal noises of shape (K, n, *event) (common random numbers).
+    """
+    step = get_step(method)
+    x = x_init
+    stochastic = STOCHASTIC[method] and eta > 0
+    xs, scores, means, stds, lps = [x], [], [], [], []
+    for k in range(grid.K):
+        if stochastic:
+            z = noises[k] if noises is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                                  device=x.device)
+        else:
+            z = None
+        st = step(sde, score_fn, x, grid.s[k], grid.s[k + 1], z, eta=eta)
+        if not torch.isfinite(st.x_next).all():
+            raise FloatingPointError(
+                f"non-finite state at step {k} (s = {float(grid.s[k]):.4g} -> {float(grid.s[k + 1]):.4g}) with "
+                f"method {method!r}: the score or the step size is unstable; use more steps or check the score")
+        if record:
+            xs.append(st.x_next)
+            scores.append(st.score)
+            means.append(st.mean)
+            stds.append(st.std)
+            if stochastic:
+                lps.append(gaussian_log_prob(st.x_next, st.mean, st.std))
+        x = st.x_next
+    traj = Trajectory(x=x, grid=grid, method=method, eta=eta)
+    if record:
+        traj.xs, traj.scores = torch.stack(xs), torch.stack(scores)
+        traj.means, traj.stds = torch.stack(means), torch.stack(stds)
+        traj.log_probs = torch.stack(lps) if stochastic else None
+    return traj
+
+
+def propagate_gaussian(sde: LinearSDE, score_fn: ScoreFn, grid: TimeGrid, mean0: Tensor, cov0: Tensor,
+                       method: str = "em", eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Exact law of the *discrete* sampler when the score is affine in x and x_init ~ N(mean0, cov0).
+
+    Each step is then x_{k+1} = A_k x_k + b_k + std_k z, so the law stays Gaussian with
+    m' = A m + b and C' = A C A^T + std^2 I. A_k and b_k are read off the sampler's own step function
+    (evaluated at m and m + e_i with zero noise), so this checks the real code, without Monte-Carlo error.
+    Vectors of shape (d,), covariances (d, d); the score must accept x of shape (n, d).
+    """
+    step = get_step(method)
+    m, C = mean0.clone(), cov0.clone()
+    d = m.numel()
+    for k in range(grid.K):
+        pts = torch.cat([m[None], m[None] + torch.eye(d, dtype=m.dtype)], dim=0)     # (d+1, d)
+        st = step(sde, score_fn, pts, grid.s[k], grid.s[k + 1], None, eta=eta)
+        b = st.mean[0]
+        A = (st.mean[1:] - b).T                                                      # columns A e_i
+        var = st.std[0] ** 2
+        m, C = b, A @ C @ A.T + var * torch.eye(d, dtype=m.dtype)
+    return m, C
