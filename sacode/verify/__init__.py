@@ -15,6 +15,9 @@ from typing import Callable, Iterable
 
 CHECK_MODULES = [
     "sacode.verify.sde_checks",
+    "sacode.verify.control_checks",
+    "sacode.verify.optimal_checks",
+    "sacode.verify.policy_checks",
 ]
 
 Z = 4.0
