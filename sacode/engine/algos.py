@@ -1,0 +1,347 @@
+"""Fine-tuning algorithms on the one engine: they consume :class:`Rollout` batches.
+
+=================  =========================================================================================
+``ctpo``           Continuous-time policy optimisation (the paper's method): per-step advantage rates from a value
+                   network, q_k dt ~ V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta KL_k (theory-notes 2.3), PPO-clipped
+                   likelihood-ratio update on the Gaussian score-action policy (chapter 6).
+``ctpo-pathwise``  The pathwise form of the same policy gradient: surrogate grad_x V(t_{k+1}, x_{k+1}) . m_theta(x_k)
+                   - beta KL_k(theta), whose theta-gradient is g^2 dt (d mu)^T (grad V - beta (mu - s_pre)).
+``ddpo``           DDPO (Black et al. 2024): the trajectory return R - beta KL_path, normalised per condition,
+                   broadcast to every step; PPO clip. With beta = 0 it is the original DDPO.
+``dpok``           DPOK (Fan et al. 2023): per-step advantage R - V(t_k, x_k) with a value baseline trained on the
+                   reward, plus the differentiable per-step KL penalty beta KL_k(theta); clipped ratio.
+``backprop``       Reward backpropagation through the sampler (AlignProp / DRaFT-K): loss -r(x_T) + beta sum KL_k,
+                   gradient truncated to the last ``bp_steps`` steps (reparameterised noise).
+=================  =========================================================================================
+
+All likelihood ratios use the transition log-density summed over dimensions (DESIGN.md decision 6). The
+option ``logprob_mean=True`` divides log-densities by the dimension as in DDPO's code (documented there as the
+reason for its tiny clip ranges).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._shapes import expand_time, sum_event
+from ..samplers import gaussian_log_prob
+from .env import index_cond
+from .rollout import Rollout, StepModel, per_step_kl
+from .value import make_value, value_on_rollout
+
+
+@dataclass
+class Transitions:
+    """A rollout flattened into N = K n transitions (x_k -> x_{k+1}); ``i`` indexes the trajectory."""
+
+    x: Tensor
+    x_next: Tensor
+    s_cur: Tensor
+    s_next: Tensor
+    logp_old: Tensor
+    std: Tensor
+    pre_mean: Tensor
+    i: Tensor
+    k: Tensor
+
+    @classmethod
+    def from_rollout(cls, b: Rollout) -> "Transitions":
+        K, n = b.K, b.n
+        ev = b.xs.shape[2:]
+        s = b.grid.s.to(b.xs)
+        return cls(b.xs[:-1].reshape(K * n, *ev), b.xs[1:].reshape(K * n, *ev),
+                   s[:-1].repeat_interleave(n), s[1:].repeat_interleave(n), b.log_probs.reshape(K * n),
+                   b.stds.reshape(K * n), b.pre_means.reshape(K * n, *ev),
+                   torch.arange(n).repeat(K), torch.arange(K).repeat_interleave(n))
+
+
+def ppo_clip_loss(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip: float) -> tuple[Tensor, dict]:
+    """PPO's clipped surrogate -min(rho A, clip(rho, 1 +- eps) A), averaged; with diagnostics."""
+    log_ratio = logp_new - logp_old
+    ratio = torch.exp(log_ratio)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+    with torch.no_grad():
+        info = {"clip_frac": float(((ratio - 1).abs() > clip).double().mean()),
+                "approx_kl": float(0.5 * (log_ratio**2).mean())}
+    return loss, info
+
+
+def normalise(adv: Tensor, mode: str) -> Tensor:
+    """How advantages are rescaled before the PPO loss.
+
+    ``none``; ``center`` (subtract each step's batch mean: a baseline, the scale is kept); ``global`` (one
+    mean/std for all steps); ``step`` (per time step, as the paper's SD code). Rescaling changes the balance
+    between the reward term and an explicit ``beta KL_k(theta)`` term, so ctpo and dpok default to ``center``.
+    """
+    if mode == "none":
+        return adv
+    if mode == "center":
+        return adv - adv.mean(1, keepdim=True)
+    if mode == "global":
+        return (adv - adv.mean()) / (adv.std() + 1e-8)
+    if mode == "step":
+        return (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
+    raise ValueError(f"unknown advantage normalisation {mode!r}; use none, global or step")
+
+
+class PerConditionStats:
+    """DDPO's per-prompt reward statistics: normalise by the mean/std of recent rewards of the same condition.
+
+    Unconditional environments use one group (batch statistics). ``buffer`` recent values are kept per group;
+    groups with fewer than ``min_count`` values fall back to batch statistics.
+    """
+
+    def __init__(self, buffer: int = 32, min_count: int = 16):
+        self.buffer, self.min_count = buffer, min_count
+        self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer))
+
+    def __call__(self, values: Tensor, cond: Any) -> Tensor:
+        keys = _cond_keys(cond, values.shape[0])
+        out = torch.empty_like(values)
+        mean_all, std_all = values.mean(), values.std() + 1e-8
+        for key in set(keys):
+            idx = torch.tensor([j for j, k in enumerate(keys) if k == key])
+            self.history[key].extend(values[idx].tolist())
+            hist = torch.tensor(list(self.history[key]), dtype=values.dtype)
+            if key == "" or len(hist) < self.min_count:
+                out[idx] = (values[idx] - mean_all) / std_all
+            else:
+                out[idx] = (values[idx] - hist.mean()) / (hist.std() + 1e-8)
+        return out
+
+    def state_dict(self) -> dict:
+        return {k: list(v) for k, v in self.history.items()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.history.clear()
+        for k, v in d.items():
+            self.history[k].extend(v)
+
+
+def _cond_keys(cond: Any, n: int) -> list[str]:
+    if cond is None:
+        return [""] * n
+    if isinstance(cond, Tensor):
+        return [str(c.tolist()) for c in cond]
+    if isinstance(cond, dict) and "prompts" in cond:
+        return [str(p) for p in cond["prompts"]]
+    if isinstance(cond, (list, tuple)):
+        return [str(c) for c in cond]
+    return [""] * n
+
+
+class Algorithm:
+    """Shared machinery: optimisers, PPO epochs over shuffled transitions, value regression, state."""
+
+    name = "base"
+    uses_value = False
+    on_policy_rollouts = True
+
+    def __init__(self, env, policy: nn.Module, cfg, stepper: StepModel):
+        self.env, self.policy, self.cfg, self.stepper = env, policy, cfg, stepper
+        self.beta = cfg.beta
+        self.opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+        self.value = None
+        if self.uses_value:
+            self.value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
+            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr)
+        self.stats = PerConditionStats()
+
+    # ----- helpers -----------------------------------------------------------------------------
+    def _logp(self, tr: Transitions, idx: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+        """Log-density of the stored x_{k+1} under the current policy, and the policy's step mean."""
+        pol = self.policy.score_fn(index_cond(cond, tr.i[idx]))
+        mean, std = self.stepper.mean_std(pol, tr.x[idx], tr.s_cur[idx], tr.s_next[idx])
+        lp = gaussian_log_prob(tr.x_next[idx], mean, std)
+        if self.cfg.logprob_mean:
+            lp = lp / tr.x[0].numel()
+        return lp, mean
+
+    def _minibatches(self, N: int, gen: torch.Generator):
+        for _ in range(self.cfg.inner_epochs):
+            perm = torch.randperm(N, generator=gen)
+            if self.cfg.step_fraction < 1.0:
+                perm = perm[: max(1, int(round(self.cfg.step_fraction * N)))]
+            for j in range(0, perm.numel(), self.cfg.minibatch):
+                yield perm[j: j + self.cfg.minibatch]
+
+    def _opt_step(self, loss: Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
+                                      self.cfg.max_grad_norm)
+        self.opt.step()
+        return float(gn)
+
+    def ppo_update(self, batch: Rollout, adv: Tensor, gen: torch.Generator, extra_kl: bool = False) -> dict:
+        """PPO epochs on the transitions with per-step advantages ``adv`` of shape (K, n)."""
+        tr = Transitions.from_rollout(batch)
+        a = adv.reshape(-1)
+        logp_old = tr.logp_old / (tr.x[0].numel() if self.cfg.logprob_mean else 1)
+        infos = []
+        for idx in self._minibatches(a.numel(), gen):
+            lp, mean = self._logp(tr, idx, batch.cond)
+            loss, info = ppo_clip_loss(lp, logp_old[idx], a[idx], self.cfg.clip)
+            if extra_kl:
+                loss = loss + self.beta * per_step_kl(mean, tr.pre_mean[idx], tr.std[idx]).mean()
+            info["grad_norm"] = self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)
+            infos.append(info)
+        return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
+
+    def fit_value(self, batch: Rollout, targets: Tensor, gen: torch.Generator) -> float:
+        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction)."""
+        K, n = batch.K, batch.n
+        t = batch.grid.t.to(batch.xs)[:-1].repeat_interleave(n)
+        x = batch.xs[:-1].reshape(K * n, *batch.xs.shape[2:])
+        y = targets[:-1].reshape(-1).to(x)
+        losses = []
+        for _ in range(self.cfg.value_epochs):
+            perm = torch.randperm(K * n, generator=gen)
+            for j in range(0, perm.numel(), self.cfg.minibatch):
+                idx = perm[j: j + self.cfg.minibatch]
+                pred = self.value(t[idx], x[idx], index_cond(batch.cond, torch.arange(n).repeat(K)[idx]))
+                loss = ((pred - y[idx]) ** 2).mean()
+                self.value_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.value.parameters(), self.cfg.max_grad_norm)
+                self.value_opt.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / max(len(losses), 1)
+
+    def returns_to_go(self, batch: Rollout, with_kl: bool = True) -> Tensor:
+        """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R)."""
+        kl = batch.kl_steps if with_kl else torch.zeros_like(batch.kl_steps)
+        tail = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])
+        G = batch.rewards[None] - self.beta * tail
+        return torch.cat([G, batch.rewards[None]], 0)
+
+    def update(self, batch: Rollout, gen: torch.Generator) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        d = {"opt": self.opt.state_dict(), "stats": self.stats.state_dict()}
+        if self.value is not None:
+            d |= {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict()}
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        self.opt.load_state_dict(d["opt"])
+        self.stats.load_state_dict(d["stats"])
+        if self.value is not None:
+            self.value.load_state_dict(d["value"])
+            self.value_opt.load_state_dict(d["value_opt"])
+
+
+class CTPO(Algorithm):
+    name, uses_value = "ctpo", True
+
+    def advantages(self, batch: Rollout) -> Tensor:
+        """V(t_{k+1}, x_{k+1}) - V(t_k, x_k): the action-dependent part of q_k dt (V includes future KL costs).
+
+        The running reward's part of q, -beta/2 g^2 (||a - s_pre||^2 - ||mu - s_pre||^2 - tr Sigma), has expectation
+        zero under the policy and its likelihood-ratio gradient equals the gradient of -beta KL_k(theta); we use
+        that gradient directly (a Rao-Blackwellised estimator with far less variance), see ``extra_kl``.
+        """
+        with torch.no_grad():
+            v = value_on_rollout(self.value, batch)
+        return v[1:] - v[:-1]
+
+    def update(self, batch, gen):
+        vloss = self.fit_value(batch, self.returns_to_go(batch), gen)
+        adv = normalise(self.advantages(batch), self.cfg.adv_norm)
+        return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
+
+
+class CTPOPathwise(Algorithm):
+    name, uses_value = "ctpo-pathwise", True
+
+    def grad_value_next(self, batch: Rollout) -> Tensor:
+        """grad_x V(t_{k+1}, x_{k+1}) for k = 0..K-1; the last one is grad r(x_K) (exact terminal condition)."""
+        K, n = batch.K, batch.n
+        t = batch.grid.t.to(batch.xs)[1:].repeat_interleave(n)
+        x = batch.xs[1:].reshape(K * n, *batch.xs.shape[2:]).clone().requires_grad_(True)
+        cond = index_cond(batch.cond, torch.arange(n).repeat(K)) if batch.cond is not None else None
+        v = self.value(t, x, cond)
+        last = torch.arange(K * n) >= (K - 1) * n
+        r = self.env.reward(x, cond)
+        v = torch.where(last, r, v)
+        (g,) = torch.autograd.grad(v.sum(), x)
+        return g.detach()
+
+    def update(self, batch, gen):
+        if not self.env.reward_differentiable:
+            raise ValueError("ctpo-pathwise needs a differentiable reward; use --algo ctpo for this reward")
+        vloss = self.fit_value(batch, self.returns_to_go(batch), gen)
+        gv = self.grad_value_next(batch)
+        tr = Transitions.from_rollout(batch)
+        infos = []
+        for idx in self._minibatches(tr.i.numel(), gen):
+            _, mean = self._logp(tr, idx, batch.cond)
+            gain = sum_event(gv[idx] * mean)
+            kl = per_step_kl(mean, tr.pre_mean[idx], tr.std[idx])
+            loss = -(gain - self.beta * kl).mean()
+            infos.append({"grad_norm": self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)})
+        return {"grad_norm": sum(i["grad_norm"] for i in infos) / len(infos), "value_loss": vloss}
+
+
+class DDPO(Algorithm):
+    name = "ddpo"
+
+    def update(self, batch, gen):
+        ret = batch.rewards - self.beta * batch.kl_path
+        adv = self.stats(ret, batch.cond).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+        return self.ppo_update(batch, adv[None].expand(batch.K, -1), gen)
+
+
+class DPOK(Algorithm):
+    name, uses_value = "dpok", True
+
+    def update(self, batch, gen):
+        vloss = self.fit_value(batch, self.returns_to_go(batch, with_kl=False), gen)
+        with torch.no_grad():
+            v = value_on_rollout(self.value, batch)[:-1]
+        adv = normalise(batch.rewards[None] - v, self.cfg.adv_norm)
+        return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
+
+
+class Backprop(Algorithm):
+    """Differentiable sampling; the rollout of the trainer is used only for logging."""
+
+    name = "backprop"
+
+    def update(self, batch, gen):
+        if not self.env.reward_differentiable:
+            raise ValueError("backprop needs a differentiable reward (e.g. not JPEG compressibility)")
+        grid, n = batch.grid, batch.n
+        x = self.env.sample_init(n, gen)
+        cond = batch.cond
+        pol = self.policy.score_fn(cond)
+        pre = lambda s, y: self.env.pretrained_score(s, y, cond)
+        kl_total = 0.0
+        first_grad = grid.K - self.cfg.bp_steps
+        for k in range(grid.K):
+            s_c, s_n = grid.s[k], grid.s[k + 1]
+            x_in = x if k >= first_grad else x.detach()
+            mean, std = self.stepper.mean_std(pol, x_in, s_c, s_n)
+            with torch.no_grad():
+                mean_pre, _ = self.stepper.mean_std(pre, x_in.detach(), s_c, s_n)
+            kl_total = kl_total + per_step_kl(mean, mean_pre, std)
+            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            x = mean + expand_time(std, x) * z
+        r = self.env.reward(x, cond)
+        loss = -(r - self.beta * kl_total).mean()
+        return {"grad_norm": self._opt_step(loss)}
+
+
+ALGORITHMS = {c.name: c for c in (CTPO, CTPOPathwise, DDPO, DPOK, Backprop)}
+
+
+def make_algorithm(name: str, env, policy, cfg, stepper) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](env, policy, cfg, stepper)

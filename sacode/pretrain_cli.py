@@ -1,0 +1,13 @@
+"""``python -m sacode pretrain WHAT``: rebuild a committed pretrained model from its seed."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "toys":
+        from .pretrained_toys import main as toys
+        return toys(argv)
+    print("usage: python -m sacode pretrain toys", file=sys.stderr)
+    return 2
