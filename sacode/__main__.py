@@ -6,12 +6,14 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"verify": "sacode.verify", "train": "sacode.train_cli", "pretrain": "sacode.pretrain_cli"}
+    commands = {"verify": "sacode.verify", "train": "sacode.train_cli", "pretrain": "sacode.pretrain_cli",
+                "bench": "sacode.bench"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m sacode {" + ",".join(commands) + "} [options]\n"
               "  verify   run every closed-form theory check\n"
               "  train    one fine-tuning run (see python -m sacode train --help)\n"
-              "  pretrain reproduce a committed pretrained model (toys)", file=sys.stderr)
+              "  pretrain reproduce a committed pretrained model (toys)\n"
+              "  bench    comparisons behind the book's figures (toy-convergence, discretization, deterministic)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
     return importlib.import_module(commands[argv[0]]).main(argv[1:])

@@ -323,7 +323,7 @@ class Backprop(Algorithm):
         pol = self.policy.score_fn(cond)
         pre = lambda s, y: self.env.pretrained_score(s, y, cond)
         kl_total = 0.0
-        first_grad = grid.K - self.cfg.bp_steps
+        first_grad = grid.K - self.cfg.bp_steps if self.cfg.bp_steps > 0 else 0
         for k in range(grid.K):
             s_c, s_n = grid.s[k], grid.s[k + 1]
             x_in = x if k >= first_grad else x.detach()

@@ -38,7 +38,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     sum_steps: bool = True           # scale per-transition losses by K (a per-trajectory sum over steps)
     logprob_mean: bool = False       # DDPO's per-dimension mean log-density instead of the sum
-    bp_steps: int = 5                # backprop: number of final steps the gradient flows through
+    bp_steps: int = 0                # backprop: number of final steps the gradient flows through (0: all)
     # networks
     value: str = "structured"        # structured | mlp
     hidden: int = 64
@@ -63,7 +63,7 @@ ALGO_DEFAULTS = {
     "ctpo-pathwise": dict(lr=3e-3),
     "ddpo": dict(lr=3e-3, clip=0.2),
     "dpok": dict(lr=3e-3, clip=0.2, adv_norm="center"),
-    "backprop": dict(lr=3e-3, bp_steps=5),
+    "backprop": dict(lr=3e-3),
 }
 
 

@@ -74,7 +74,8 @@ class Trainer:
             mpath.write_text("".join(ln + "\n" for ln in keep))
 
     # ----- the loop ------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, callback=None) -> dict:
+        """Train to ``cfg.iterations``; ``callback(trainer)`` runs after every iteration (e.g. evaluations)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(cfg.__dict__, indent=1))
@@ -100,6 +101,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_path']:.3f}")
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                     self.save()
+                if callback is not None:
+                    callback(self)
         bar.close()
         return self.finish()
 

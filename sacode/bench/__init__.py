@@ -1,0 +1,55 @@
+"""``python -m sacode bench NAME [--json] [--profile P] [--seeds N]``: comparisons measured side by side in one run.
+
+Each benchmark prints a table (or JSON with ``--json``) and writes ``figures/bench-NAME.json`` (with the command
+that produced it) and a figure ``figures/bench-NAME.png``. Trained policies are cached in ``runs/bench-cache`` so
+that benchmarks sharing runs (toy-convergence and discretization) train each (preset, algorithm, seed) once.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = {
+    "toy-convergence": "sacode.bench.toys:toy_convergence",
+    "discretization": "sacode.bench.toys:discretization",
+    "deterministic": "sacode.bench.toys:deterministic",
+}
+
+
+def _resolve(spec: str):
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sacode bench", description=__doc__)
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--profile", default=None, help="ci | class | full (default $SACODE_PROFILE or class)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--presets", default=None, help="comma-separated subset of presets")
+    p.add_argument("--algos", default=None, help="comma-separated subset of algorithms")
+    p.add_argument("--out", default="figures", help="where the JSON and the figure are written")
+    p.add_argument("--cache", default="runs/bench-cache")
+    args = p.parse_args(argv)
+    from ..profiles import profile
+    prof = args.profile or profile()
+    t0 = time.perf_counter()
+    res = _resolve(BENCHMARKS[args.name])(profile=prof, seeds=args.seeds,
+                                          presets=args.presets.split(",") if args.presets else None,
+                                          algos=args.algos.split(",") if args.algos else None,
+                                          cache=Path(args.cache), out=Path(args.out))
+    res["command"] = "python -m sacode bench " + " ".join(argv if argv is not None else sys.argv[2:])
+    res["wall_s"] = time.perf_counter() - t0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"bench-{args.name}.json").write_text(json.dumps(res, indent=1))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(res.pop("table", ""))
+        print(f"written: {args.out}/bench-{args.name}.json ({res['wall_s']:.0f} s)")
+    return 0

@@ -1,0 +1,332 @@
+"""Benchmarks on the toy presets, where the exact optimum is known (chapters 7 and 9).
+
+* ``toy-convergence``: samples and wall time each algorithm needs until the terminal law is within tolerance of the
+  closed-form optimum, and the errors at the full budget, over several seeds.
+* ``discretization``: policies trained on a K = 20 uniform grid, evaluated on other step counts, a non-uniform
+  grid, DDIM(eta) and Heun on the probability-flow ODE.
+* ``deterministic``: fine-tuning through the probability-flow ODE with explicit Gaussian exploration, against the
+  closed-form optimum of that exploratory problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import optimal
+from ..engine.config import make_config
+from ..engine.policy import ScorePolicy
+from ..engine.rollout import StepModel, rollout
+from ..engine.trainer import Trainer, grid_end
+from ..presets import TOY_PRESETS, toy_preset
+from ..samplers import TimeGrid, reverse_sde_sample
+
+ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
+EVAL_SEED = 12345
+
+
+class FixedScorePolicy(ScorePolicy):
+    """A non-trainable policy from a score function (e.g. the closed-form optimal score)."""
+
+    def __init__(self, score_fn):
+        super().__init__()
+        self.fn = score_fn
+
+    def forward(self, s, x, cond=None):
+        return self.fn(s, x)
+
+
+def _n_eval(profile: str) -> int:
+    return {"ci": 512, "class": 4000, "full": 20000}[profile]
+
+
+def evaluate(env, policy, grid: TimeGrid, stepper: StepModel, n: int, target_mean: torch.Tensor,
+             beta: float, seed: int = EVAL_SEED) -> dict:
+    """Terminal-mean error, J = E r - beta KL (with its standard error), reward and path KL of a policy."""
+    b = rollout(env, policy, grid, stepper, n, torch.Generator().manual_seed(seed))
+    x = b.xs[-1].reshape(n, -1)
+    J = b.rewards - beta * b.kl_path
+    return {"err_mean": float((x.mean(0) - target_mean.reshape(-1)).norm()),
+            "se_mean": float(x.std(0).max() / math.sqrt(n)),
+            "J": float(J.mean()), "J_se": float(J.std() / math.sqrt(n)),
+            "reward": float(b.rewards.mean()), "kl": float(b.kl_path.mean()),
+            "mean": x.mean(0).tolist()}
+
+
+def evaluate_deterministic(env, policy, grid: TimeGrid, method: str, eta: float, n: int,
+                           target_mean: torch.Tensor, seed: int = EVAL_SEED) -> dict:
+    """Evaluation through a sampler without a transition density (DDIM eta=0, Heun): reward and mean error only."""
+    gen = torch.Generator().manual_seed(seed)
+    x = reverse_sde_sample(env.sde, policy.score_fn(None), env.sample_init(n, gen), grid, method, eta,
+                           generator=gen).x
+    r = env.reward(x, None)
+    xf = x.reshape(n, -1)
+    return {"err_mean": float((xf.mean(0) - target_mean.reshape(-1)).norm()), "reward": float(r.mean()),
+            "J": None, "kl": None, "mean": xf.mean(0).tolist()}
+
+
+def tolerance(preset, K: int, n: int) -> dict:
+    """The tolerance of 'converged': 10% of the pretrained-to-optimal gap, plus the floor of the K-step grid.
+
+    An algorithm trained on K steps optimises the discrete objective, whose optimum differs from the
+    continuous-time one by O(1/K): the floor is the error of the exact optimal control run on the same grid
+    (measured with the evaluation's n samples, so its Monte-Carlo error is included too).
+    """
+    from ..engine.env import ToyEnv
+
+    env = ToyEnv(preset)
+    law, obj = optimal.optimal_terminal_law(preset), optimal.optimal_objective(preset)
+    pre = optimal.pretrained_terminal_law(preset)
+    stepper = StepModel(preset.sde, "em", 1.0)
+    grid = TimeGrid.uniform(preset.sde.T, K)
+    ref = evaluate(env, FixedScorePolicy(optimal.optimal_score(preset)), grid, stepper, n, law.mean, preset.beta)
+    gap_mean = float((law.mean - pre.mean).norm())
+    gap_J = obj.J - obj.expected_reward_pretrained
+    return {"tol_mean": 0.1 * gap_mean + ref["err_mean"] + 3 * ref["se_mean"],
+            "tol_J": 0.1 * abs(gap_J) + abs(ref["J"] - obj.J) + 3 * ref["J_se"],
+            "gap_mean": gap_mean, "gap_J": gap_J, "floor_err_mean": ref["err_mean"],
+            "floor_J_gap": abs(ref["J"] - obj.J), "J_opt": obj.J, "target_mean": law.mean.tolist()}
+
+
+def _key(preset: str, algo: str, seed: int, profile: str, overrides: dict) -> str:
+    h = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{preset}-{algo}-seed{seed}-{profile}-{h}"
+
+
+def trained_run(preset: str, algo: str, seed: int, profile: str, cache: Path, overrides: dict | None = None,
+                eval_every: int = 5) -> tuple[Trainer, list[dict]]:
+    """Train (or load from the cache) one run, evaluating the terminal law every ``eval_every`` iterations."""
+    overrides = dict(overrides or {}) | {"progress": False}
+    cfg = make_config(preset, algo, profile, seed, overrides)
+    out = cache / _key(preset, algo, seed, profile, overrides)
+    tr = Trainer(cfg, out)
+    curve_path = out / "curve.json"
+    if curve_path.exists() and (out / "summary.json").exists():
+        tr.load()
+        return tr, json.loads(curve_path.read_text())
+    pr = tr.task.preset
+    target = optimal.optimal_terminal_law(pr).mean
+    n_eval = min(_n_eval(profile), 4000)
+    grid = TimeGrid.uniform(pr.sde.T, cfg.K, grid_end(cfg, pr.sde.T))
+    curve = []
+
+    def point(t: Trainer):
+        ev = evaluate(t.env, t.policy, grid, t.stepper, n_eval, target, t.algo.beta)
+        curve.append({"iteration": t.iteration, "samples_used": t.samples_used, "wall_s": t.wall} | ev)
+
+    point(tr)
+    tr.run(callback=lambda t: point(t) if t.iteration % eval_every == 0 or t.iteration == cfg.iterations else None)
+    curve_path.write_text(json.dumps(curve))
+    return tr, curve
+
+
+def _first_within(curve: list[dict], tol: dict) -> dict | None:
+    for c in curve:
+        if c["err_mean"] <= tol["tol_mean"] and abs(c["J"] - tol["J_opt"]) <= tol["tol_J"]:
+            return c
+    return None
+
+
+def _fmt(v, nd=3):
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
+
+
+def toy_convergence(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+    presets = presets or list(TOY_PRESETS)
+    algos = algos or ALGOS
+    n_eval = min(_n_eval(profile), 4000)
+    rows, curves = [], {}
+    for name in presets:
+        pr = toy_preset(name)
+        tol = tolerance(pr, make_config(name, "ctpo", profile).K, n_eval)
+        for algo in algos:
+            hits, finals = [], []
+            for seed in range(seeds):
+                _, curve = trained_run(name, algo, seed, profile, cache)
+                curves[f"{name}/{algo}/{seed}"] = curve
+                hit = _first_within(curve, tol)
+                hits.append({"samples": hit["samples_used"] if hit else None, "wall_s": hit["wall_s"] if hit else None})
+                finals.append(curve[-1])
+            reached = [h["samples"] for h in hits if h["samples"] is not None]
+            rows.append({
+                "preset": name, "algo": algo, "seeds": seeds, "reached": len(reached),
+                "samples_to_tol_median": float(np.median([h if h is not None else np.inf for h in
+                                                          [h["samples"] for h in hits]])),
+                "wall_to_tol_median": float(np.median([h["wall_s"] if h["wall_s"] is not None else np.inf
+                                                       for h in hits])),
+                "final_err_mean": float(np.mean([f["err_mean"] for f in finals])),
+                "final_err_mean_sd": float(np.std([f["err_mean"] for f in finals])),
+                "final_J_gap": float(np.mean([abs(f["J"] - tol["J_opt"]) for f in finals])),
+                "final_samples": finals[0]["samples_used"], "final_wall_s": float(np.mean([f["wall_s"] for f in finals])),
+            } | {k: tol[k] for k in ("tol_mean", "tol_J", "J_opt", "floor_err_mean", "floor_J_gap")})
+    ratios = {}
+    for name in presets:
+        by = {r["algo"]: r for r in rows if r["preset"] == name}
+        if "ctpo" in by and "ddpo" in by:
+            c, d = by["ctpo"]["samples_to_tol_median"], by["ddpo"]["samples_to_tol_median"]
+            ratios[name] = (d / c) if math.isfinite(c) and c > 0 else None
+    lines = [f"{'preset':<24}{'algo':<15}{'reached':>8}{'samples→tol':>13}{'wall→tol s':>11}{'final |Δmean|':>15}"
+             f"{'final |ΔJ|':>12}{'tol mean':>10}{'tol J':>8}"]
+    for r in rows:
+        lines.append(f"{r['preset']:<24}{r['algo']:<15}{r['reached']:>5}/{r['seeds']:<2}"
+                     f"{_fmt(r['samples_to_tol_median'], 5):>13}{_fmt(r['wall_to_tol_median']):>11}"
+                     f"{r['final_err_mean']:>10.3f}±{r['final_err_mean_sd']:<4.3f}{r['final_J_gap']:>12.3f}"
+                     f"{r['tol_mean']:>10.3f}{r['tol_J']:>8.3f}")
+    lines.append("ddpo/ctpo samples-to-tolerance ratio: " + ", ".join(f"{k}: {_fmt(v)}" for k, v in ratios.items()))
+    _plot_convergence(curves, rows, presets, algos, out / "bench-toy-convergence.png")
+    return {"profile": profile, "rows": rows, "ratio_ddpo_over_ctpo": ratios, "curves": curves,
+            "table": "\n".join(lines),
+            "tolerance_rule": "converged when |E x_T - target mean| <= 0.1 |target - pretrained| + floor and "
+                              "|J - J*| <= 0.1 |J* - J_pre| + floor; floor = error of the exact optimal control on the "
+                              "same K-step grid plus 3 Monte-Carlo standard errors"}
+
+
+def _plot_convergence(curves, rows, presets, algos, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting import color, setup
+    setup()
+    fig, axes = plt.subplots(1, len(presets), figsize=(3.2 * len(presets), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], presets):
+        for algo in algos:
+            cs = [v for k, v in curves.items() if k.startswith(f"{name}/{algo}/")]
+            if not cs:
+                continue
+            x = [c["samples_used"] for c in cs[0]]
+            y = np.median([[c["err_mean"] for c in cv] for cv in cs], axis=0)
+            ax.semilogy(x, y, color=color(algo), label=algo)
+        tol = next(r["tol_mean"] for r in rows if r["preset"] == name)
+        ax.axhline(tol, color="k", ls=":", lw=1, label="tolerance")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("trajectories sampled")
+    axes[0][0].set_ylabel("|E x_T − optimal mean| (median over seeds)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Convergence to the closed-form optimum")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+EVAL_KS = [5, 10, 20, 50, 100, 200]
+
+
+def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+    """Train on K = 20 (em, uniform), evaluate elsewhere; degradation = mean |J_K - J_20| over K != 20."""
+    presets = presets or list(TOY_PRESETS)
+    algos = algos or ALGOS
+    n_eval = _n_eval(profile)
+    rows = []
+    for name in presets:
+        pr = toy_preset(name)
+        target = optimal.optimal_terminal_law(pr).mean
+        J_opt = optimal.optimal_objective(pr).J
+        ref_pol = FixedScorePolicy(optimal.optimal_score(pr))
+        entries = {"optimal": [ref_pol]}
+        for algo in algos:
+            entries[algo] = [trained_run(name, algo, seed, profile, cache)[0].policy for seed in range(seeds)]
+        for label, pols in entries.items():
+            from ..engine.env import ToyEnv
+            env = ToyEnv(pr)
+            res: dict[str, list] = {}
+            for pol in pols:
+                for K in EVAL_KS:
+                    ev = evaluate(env, pol, TimeGrid.uniform(pr.sde.T, K), StepModel(pr.sde, "em", 1.0), n_eval,
+                                  target, pr.beta)
+                    res.setdefault(f"em-K{K}", []).append(ev)
+                ev = evaluate(env, pol, TimeGrid.power(pr.sde.T, 20), StepModel(pr.sde, "em", 1.0), n_eval, target,
+                              pr.beta)
+                res.setdefault("em-power-K20", []).append(ev)
+                for eta in (0.5, 1.0):
+                    ev = evaluate(env, pol, TimeGrid.uniform(pr.sde.T, 20, 1e-3 * pr.sde.T),
+                                  StepModel(pr.sde, "ddim", eta), n_eval, target, pr.beta)
+                    res.setdefault(f"ddim{eta:g}-K20", []).append(ev)
+                res.setdefault("ddim0-K20", []).append(evaluate_deterministic(
+                    env, pol, TimeGrid.uniform(pr.sde.T, 20, 1e-3 * pr.sde.T), "ddim", 0.0, n_eval, target))
+                res.setdefault("pf-heun-K20", []).append(evaluate_deterministic(
+                    env, pol, TimeGrid.uniform(pr.sde.T, 20), "pf-heun", 0.0, n_eval, target))
+            agg = {k: {"err_mean": float(np.mean([e["err_mean"] for e in v])),
+                       "reward": float(np.mean([e["reward"] for e in v])),
+                       "J": None if v[0]["J"] is None else float(np.mean([e["J"] for e in v]))}
+                   for k, v in res.items()}
+            J20 = agg["em-K20"]["J"]
+            degr = float(np.mean([abs(agg[f"em-K{K}"]["J"] - J20) for K in EVAL_KS if K != 20]))
+            rows.append({"preset": name, "algo": label, "J_opt": J_opt, "degradation_J": degr, "evals": agg})
+    ratios = {}
+    for name in presets:
+        by = {r["algo"]: r for r in rows if r["preset"] == name}
+        if "ctpo" in by and "ddpo" in by and by["ddpo"]["degradation_J"] > 0:
+            ratios[name] = by["ctpo"]["degradation_J"] / by["ddpo"]["degradation_J"]
+    cols = [f"em-K{K}" for K in EVAL_KS] + ["em-power-K20", "ddim1-K20", "ddim0.5-K20"]
+    lines = [f"{'preset':<24}{'policy':<15}" + "".join(f"{c:>13}" for c in cols) + f"{'degr.':>8}"]
+    for r in rows:
+        lines.append(f"{r['preset']:<24}{r['algo']:<15}" + "".join(f"{r['evals'][c]['J']:>13.3f}" for c in cols)
+                     + f"{r['degradation_J']:>8.3f}")
+    lines.append("J = E r - beta KL on each evaluation grid; degradation = mean over K != 20 of |J_K - J_20|")
+    lines.append("ctpo/ddpo degradation ratio: " + ", ".join(f"{k}: {_fmt(v)}" for k, v in ratios.items()))
+    _plot_discretization(rows, presets, out / "bench-discretization.png")
+    return {"profile": profile, "rows": rows, "ratio_ctpo_over_ddpo_degradation": ratios,
+            "table": "\n".join(lines)}
+
+
+def _plot_discretization(rows, presets, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting import color, setup
+    setup()
+    fig, axes = plt.subplots(1, len(presets), figsize=(3.2 * len(presets), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], presets):
+        for r in (r for r in rows if r["preset"] == name):
+            J = [r["evals"][f"em-K{K}"]["J"] for K in EVAL_KS]
+            ax.semilogx(EVAL_KS, J, "o-", color=color(r["algo"]), label=r["algo"], ms=3,
+                        ls="--" if r["algo"] == "optimal" else "-")
+        ax.axhline(next(r["J_opt"] for r in rows if r["preset"] == name), color="k", lw=1, ls=":", label="J*")
+        ax.axvline(20, color="0.7", lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("evaluation steps K")
+    axes[0][0].set_ylabel("J = E r − β KL")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Trained on K = 20, evaluated on other grids")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+    """Fine-tune through the PF-ODE (Heun) with exploration sigma_e, against the exploratory problem's optimum."""
+    from .deterministic_target import exploratory_optimum
+
+    presets = presets or ["gauss1d-linear", "gauss1d-linear-short"]
+    algos = algos or ["ctpo", "ddpo"]
+    explore = 0.5
+    rows = []
+    for name in presets:
+        pr = toy_preset(name)
+        target = exploratory_optimum(pr, explore)
+        for algo in algos:
+            for method in ("pf-euler", "pf-heun"):
+                finals = []
+                for seed in range(seeds):
+                    tr, _ = trained_run(name, algo, seed, profile, cache,
+                                        {"method": method, "eta": 0.0, "explore": explore})
+                    ev = evaluate(tr.env, tr.policy, TimeGrid.uniform(pr.sde.T, tr.cfg.K), tr.stepper,
+                                  _n_eval(profile), torch.tensor(target["mean"]), pr.beta)
+                    finals.append(ev)
+                rows.append({"preset": name, "algo": algo, "method": method, "explore": explore,
+                             "err_mean": float(np.mean([f["err_mean"] for f in finals])),
+                             "J": float(np.mean([f["J"] for f in finals])), "J_opt": target["J"],
+                             "target_mean": target["mean"]})
+    lines = [f"{'preset':<24}{'algo':<8}{'method':<10}{'|Δmean|':>9}{'J':>9}{'J*':>9}"]
+    for r in rows:
+        lines.append(f"{r['preset']:<24}{r['algo']:<8}{r['method']:<10}{r['err_mean']:>9.3f}{r['J']:>9.3f}"
+                     f"{r['J_opt']:>9.3f}")
+    return {"profile": profile, "rows": rows, "table": "\n".join(lines)}
