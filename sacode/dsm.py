@@ -82,7 +82,8 @@ def train_dsm(model: nn.Module, sde: LinearSDE, sample_data: Callable[[int, torc
         loss.backward()
         opt.step()
         sched.step()
-        run = float(loss) if run is None else 0.98 * run + 0.02 * float(loss)
+        val = loss.item()
+        run = val if run is None else 0.98 * run + 0.02 * val
         if (it + 1) % log_every == 0 or it == 0:
             log.append({"step": it + 1, "loss": run, "wall_s": time.perf_counter() - t0})
     return log

@@ -82,7 +82,8 @@ class TimeGrid:
     def random(cls, T: float, K: int, generator: torch.Generator | None = None, s_end: float = 0.0) -> "TimeGrid":
         """K steps with uniformly random interior times (a fresh grid per batch)."""
         inner = torch.sort(torch.rand(K - 1, generator=generator, dtype=torch.float64), descending=True).values
-        return cls(torch.cat([torch.tensor([T]), s_end + (T - s_end) * inner, torch.tensor([s_end])]).double(), T)
+        ends = lambda v: torch.tensor([v], dtype=torch.float64)
+        return cls(torch.cat([ends(T), s_end + (T - s_end) * inner, ends(s_end)]), T)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,14 +138,22 @@ def pf_euler_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, n
 
 
 def pf_heun_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, s_cur, s_next, noise=None, eta: float = 0.0) -> Step:
-    """Heun step (predictor Euler, trapezoidal corrector) of the probability-flow ODE; local error O(h^3)."""
+    """Heun step (predictor Euler, trapezoidal corrector) of the probability-flow ODE; local error O(h^3).
+
+    A step that ends at sigma(s_next) = 0 (the data end) is an Euler step, as in Karras et al. (2022, Alg. 1):
+    a learned score -eps/sigma is not defined there.
+    """
     s, sn = as_time(s_cur, x), as_time(s_next, x)
     h = expand_time(s - sn, x)
     score = score_fn(s, x)
     d1 = sde.pf_ode_drift(s, x, score)
     x_pred = x + h * d1
-    d2 = sde.pf_ode_drift(sn, x_pred, score_fn(sn, x_pred))
-    x_next = x + 0.5 * h * (d1 + d2)
+    corrected = sde.sigma(sn) > 0                                   # per sample: times may differ within a batch
+    if not bool(corrected.any()):
+        return Step(x_pred, x_pred, torch.zeros_like(s), score)
+    sn_safe = torch.where(corrected, sn, s)                         # never evaluate a score at sigma = 0
+    d2 = sde.pf_ode_drift(sn_safe, x_pred, score_fn(sn_safe, x_pred))
+    x_next = torch.where(corrected.reshape(-1, *([1] * (x.ndim - 1))), x + 0.5 * h * (d1 + d2), x_pred)
     return Step(x_next, x_next, torch.zeros_like(s), score)
 
 
@@ -165,6 +174,12 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return -0.5 * sum_event((x - mean) ** 2) / var - 0.5 * d * torch.log(2 * math.pi * var)
 
 
+def _recorded_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Transition log-density for the record; a zero-variance step (DDIM to s = 0) is a Dirac: recorded as 0."""
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, gaussian_log_prob(x, mean, safe), torch.zeros_like(std))
+
+
 def get_step(method: str) -> Callable[..., Step]:
     if method not in STEPS:
         raise ValueError(f"unknown sampler method {method!r}; choose one of {', '.join(METHODS)}")
@@ -180,7 +195,8 @@ class Trajectory:
 
     xs (K+1, n, *event) states; scores (K, n, *event) the score (action) used at each step;
     means (K, n, *event) and stds (K, n) of each Gaussian transition; log_probs (K, n) their log-densities
-    at the realised next state, summed over dimensions (None for deterministic methods).
+    at the realised next state, summed over dimensions (None for deterministic methods; a zero-variance step
+    inside a stochastic method, such as the DDIM step that ends at s = 0, is a Dirac and is recorded as 0).
     """
 
     x: Tensor
@@ -232,7 +248,7 @@ def reverse_sde_sample(sde: LinearSDE, score_fn: ScoreFn, x_init: Tensor, grid: 
             means.append(st.mean)
             stds.append(st.std)
             if stochastic:
-                lps.append(gaussian_log_prob(st.x_next, st.mean, st.std))
+                lps.append(_recorded_log_prob(st.x_next, st.mean, st.std))
         x = st.x_next
     traj = Trajectory(x=x, grid=grid, method=method, eta=eta)
     if record:

@@ -6,8 +6,9 @@
                    likelihood-ratio update on the Gaussian score-action policy (chapter 6).
 ``ctpo-pathwise``  The pathwise form of the same policy gradient: surrogate grad_x V(t_{k+1}, x_{k+1}) . m_theta(x_k)
                    - beta KL_k(theta), whose theta-gradient is g^2 dt (d mu)^T (grad V - beta (mu - s_pre)).
-``ddpo``           DDPO (Black et al. 2024): the trajectory return R - beta KL_path, normalised per condition,
-                   broadcast to every step; PPO clip. With beta = 0 it is the original DDPO.
+``ddpo``           DDPO (Black et al. 2024): the trajectory return R - beta sum_k log(pi_theta/p_pre)(x_{k+1}|x_k) (the
+                   sampled log-ratio: an RLHF-style KL penalty whose likelihood-ratio gradient is that of the KL),
+                   normalised per condition, broadcast to every step; PPO clip. With beta = 0 it is the original DDPO.
 ``dpok``           DPOK (Fan et al. 2023): per-step advantage R - V(t_k, x_k) with a value baseline trained on the
                    reward, plus the differentiable per-step KL penalty beta KL_k(theta); clipped ratio.
 ``backprop``       Reward backpropagation through the sampler (AlignProp / DRaFT-K): loss -r(x_T) + beta sum KL_k,
@@ -31,8 +32,8 @@ from torch import Tensor, nn
 from .._shapes import expand_time, sum_event
 from ..samplers import gaussian_log_prob
 from .env import index_cond
-from .rollout import Rollout, StepModel, per_step_kl
-from .value import make_value, value_on_rollout
+from .rollout import Rollout, StepModel, per_step_kl, randn_on
+from .value import make_value, skip_on_rollout, value_on_rollout
 
 
 @dataclass
@@ -145,17 +146,31 @@ class Algorithm:
     def __init__(self, env, policy: nn.Module, cfg, stepper: StepModel):
         self.env, self.policy, self.cfg, self.stepper = env, policy, cfg, stepper
         self.beta = cfg.beta
-        self.opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay > 0
+                    else torch.optim.Adam(params, lr=cfg.lr))
+        self.accelerator = None
+        self.policy_train = policy          # what training passes call: the policy, or its DDP wrapper (attach)
         self.value = None
         if self.uses_value:
             self.value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
             self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr)
+        self.value_train = self.value
         self.stats = PerConditionStats()
+
+    def attach(self, accelerator) -> None:
+        """Train through Hugging Face accelerate (DESIGN.md decision 10): device placement, mixed precision and the
+        DDP all-reduce of gradients. Rollouts keep calling the unwrapped modules (they need no gradients)."""
+        self.accelerator = accelerator
+        self.policy_train, self.opt = accelerator.prepare(self.policy, self.opt)
+        if self.value is not None:
+            self.value_train, self.value_opt = accelerator.prepare(self.value, self.value_opt)
 
     # ----- helpers -----------------------------------------------------------------------------
     def _logp(self, tr: Transitions, idx: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         """Log-density of the stored x_{k+1} under the current policy, and the policy's step mean."""
-        pol = self.policy.score_fn(index_cond(cond, tr.i[idx]))
+        c = index_cond(cond, tr.i[idx])
+        pol = lambda s, x: self.policy_train(s, x, c)
         mean, std = self.stepper.mean_std(pol, tr.x[idx], tr.s_cur[idx], tr.s_next[idx])
         lp = gaussian_log_prob(tr.x_next[idx], mean, std)
         if self.cfg.logprob_mean:
@@ -170,13 +185,30 @@ class Algorithm:
             for j in range(0, perm.numel(), self.cfg.minibatch):
                 yield perm[j: j + self.cfg.minibatch]
 
+    def _backward(self, loss: Tensor, model: nn.Module | None = None, sync: bool = True) -> None:
+        """loss.backward(), through accelerate when attached; sync=False skips DDP's all-reduce (the gradient of a
+        micro-batch that is accumulated before the optimiser step)."""
+        if self.accelerator is None:
+            loss.backward()
+        elif sync:
+            self.accelerator.backward(loss)
+        else:
+            with self.accelerator.no_sync(model if model is not None else self.policy_train):
+                self.accelerator.backward(loss)
+
+    def _clip_step(self, opt, params: list) -> float:
+        clip = nn.utils.clip_grad_norm_ if self.accelerator is None else self.accelerator.clip_grad_norm_
+        gn = clip(params, self.cfg.max_grad_norm)
+        opt.step()
+        return float(gn)
+
+    def _trainable(self) -> list:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     def _opt_step(self, loss: Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
-                                      self.cfg.max_grad_norm)
-        self.opt.step()
-        return float(gn)
+        self._backward(loss)
+        return self._clip_step(self.opt, self._trainable())
 
     def ppo_update(self, batch: Rollout, adv: Tensor, gen: torch.Generator, extra_kl: bool = False) -> dict:
         """PPO epochs on the transitions with per-step advantages ``adv`` of shape (K, n)."""
@@ -185,31 +217,45 @@ class Algorithm:
         logp_old = tr.logp_old / (tr.x[0].numel() if self.cfg.logprob_mean else 1)
         infos = []
         for idx in self._minibatches(a.numel(), gen):
-            lp, mean = self._logp(tr, idx, batch.cond)
-            loss, info = ppo_clip_loss(lp, logp_old[idx], a[idx], self.cfg.clip)
-            if extra_kl:
-                loss = loss + self.beta * per_step_kl(mean, tr.pre_mean[idx], tr.std[idx]).mean()
-            info["grad_norm"] = self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)
+            # gradient accumulation over micro-batches of cfg.micro_batch transitions, one optimiser step
+            parts = idx.split(self.cfg.micro_batch) if self.cfg.micro_batch > 0 else (idx,)
+            self.opt.zero_grad(set_to_none=True)
+            info: dict = defaultdict(float)
+            for j, part in enumerate(parts):
+                lp, mean = self._logp(tr, part, batch.cond)
+                loss, part_info = ppo_clip_loss(lp, logp_old[part], a[part], self.cfg.clip)
+                if extra_kl:
+                    loss = loss + self.beta * per_step_kl(mean, tr.pre_mean[part], tr.std[part]).mean()
+                w = part.numel() / idx.numel()
+                self._backward(loss * (w * batch.K if self.cfg.sum_steps else w), sync=j == len(parts) - 1)
+                for k, v in part_info.items():
+                    info[k] += w * v
+            info = dict(info)
+            info["grad_norm"] = self._clip_step(self.opt, self._trainable())
             infos.append(info)
         return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
 
-    def fit_value(self, batch: Rollout, targets: Tensor, gen: torch.Generator) -> float:
-        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction)."""
+    def fit_value(self, batch: Rollout, targets: Tensor, gen: torch.Generator, skip: Tensor | None = None) -> float:
+        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction).
+
+        ``skip`` (K+1, n): a structured value's r(x0_hat) at the rollout's states, computed once (skip_on_rollout)."""
         K, n = batch.K, batch.n
         t = batch.grid.t.to(batch.xs)[:-1].repeat_interleave(n)
         x = batch.xs[:-1].reshape(K * n, *batch.xs.shape[2:])
         y = targets[:-1].reshape(-1).to(x)
+        flat_skip = skip[:-1].reshape(-1) if skip is not None else None
+        mb = self.cfg.value_minibatch or self.cfg.minibatch
         losses = []
         for _ in range(self.cfg.value_epochs):
             perm = torch.randperm(K * n, generator=gen)
-            for j in range(0, perm.numel(), self.cfg.minibatch):
-                idx = perm[j: j + self.cfg.minibatch]
-                pred = self.value(t[idx], x[idx], index_cond(batch.cond, torch.arange(n).repeat(K)[idx]))
+            for j in range(0, perm.numel(), mb):
+                idx = perm[j: j + mb]
+                kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
+                pred = self.value_train(t[idx], x[idx], index_cond(batch.cond, torch.arange(n).repeat(K)[idx]), **kw)
                 loss = ((pred - y[idx]) ** 2).mean()
                 self.value_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.value.parameters(), self.cfg.max_grad_norm)
-                self.value_opt.step()
+                self._backward(loss, self.value_train)
+                self._clip_step(self.value_opt, list(self.value.parameters()))
                 losses.append(float(loss.detach()))
         return sum(losses) / max(len(losses), 1)
 
@@ -240,7 +286,7 @@ class Algorithm:
 class CTPO(Algorithm):
     name, uses_value = "ctpo", True
 
-    def advantages(self, batch: Rollout) -> Tensor:
+    def advantages(self, batch: Rollout, skip: Tensor | None = None) -> Tensor:
         """V(t_{k+1}, x_{k+1}) - V(t_k, x_k): the action-dependent part of q_k dt (V includes future KL costs).
 
         The running reward's part of q, -beta/2 g^2 (||a - s_pre||^2 - ||mu - s_pre||^2 - tr Sigma), has expectation
@@ -248,12 +294,13 @@ class CTPO(Algorithm):
         that gradient directly (a Rao-Blackwellised estimator with far less variance), see ``extra_kl``.
         """
         with torch.no_grad():
-            v = value_on_rollout(self.value, batch)
+            v = value_on_rollout(self.value, batch, skip=skip, chunk=self.cfg.value_minibatch or None)
         return v[1:] - v[:-1]
 
     def update(self, batch, gen):
-        vloss = self.fit_value(batch, self.returns_to_go(batch), gen)
-        adv = normalise(self.advantages(batch), self.cfg.adv_norm)
+        skip = skip_on_rollout(self.value, batch)
+        vloss = self.fit_value(batch, self.returns_to_go(batch), gen, skip)
+        adv = normalise(self.advantages(batch, skip), self.cfg.adv_norm)
         return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
 
 
@@ -276,7 +323,7 @@ class CTPOPathwise(Algorithm):
     def update(self, batch, gen):
         if not self.env.reward_differentiable:
             raise ValueError("ctpo-pathwise needs a differentiable reward; use --algo ctpo for this reward")
-        vloss = self.fit_value(batch, self.returns_to_go(batch), gen)
+        vloss = self.fit_value(batch, self.returns_to_go(batch), gen, skip_on_rollout(self.value, batch))
         gv = self.grad_value_next(batch)
         tr = Transitions.from_rollout(batch)
         infos = []
@@ -293,18 +340,38 @@ class DDPO(Algorithm):
     name = "ddpo"
 
     def update(self, batch, gen):
-        ret = batch.rewards - self.beta * batch.kl_path
-        adv = self.stats(ret, batch.cond).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
+        # The sampled log-ratio, not KL_k(theta): KL_k depends on theta directly, and a likelihood-ratio estimator
+        # only sees the dependence through sampled transitions, so R - beta KL_path would not penalise the KL.
+        ret = batch.rewards - self.beta * batch.log_ratio_steps.sum(0)
+        adv = self.per_condition(ret, batch.cond).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
         return self.ppo_update(batch, adv[None].expand(batch.K, -1), gen)
+
+    def per_condition(self, values: Tensor, cond: Any) -> Tensor:
+        """Per-condition normalisation over the samples of *all* processes when distributed (DDPO gathers them
+        too), so every rank keeps the same statistics; each rank gets back its own slice."""
+        acc = self.accelerator
+        if acc is None or acc.num_processes == 1:
+            return self.stats(values, cond)
+        from accelerate.utils import gather_object
+        all_v = acc.gather(values)
+        if isinstance(cond, Tensor):
+            all_c = acc.gather(cond)
+        elif isinstance(cond, (list, tuple)):
+            all_c = gather_object(list(cond))
+        else:
+            all_c = None
+        n, r = values.shape[0], acc.process_index
+        return self.stats(all_v, all_c)[r * n:(r + 1) * n]
 
 
 class DPOK(Algorithm):
     name, uses_value = "dpok", True
 
     def update(self, batch, gen):
-        vloss = self.fit_value(batch, self.returns_to_go(batch, with_kl=False), gen)
+        skip = skip_on_rollout(self.value, batch)
+        vloss = self.fit_value(batch, self.returns_to_go(batch, with_kl=False), gen, skip)
         with torch.no_grad():
-            v = value_on_rollout(self.value, batch)[:-1]
+            v = value_on_rollout(self.value, batch, skip=skip, chunk=self.cfg.value_minibatch or None)[:-1]
         adv = normalise(batch.rewards[None] - v, self.cfg.adv_norm)
         return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
 
@@ -317,25 +384,31 @@ class Backprop(Algorithm):
     def update(self, batch, gen):
         if not self.env.reward_differentiable:
             raise ValueError("backprop needs a differentiable reward (e.g. not JPEG compressibility)")
-        grid, n = batch.grid, batch.n
+        n_up = max(1, self.cfg.bp_updates)
+        m = max(1, batch.n // n_up)                    # same number of fresh samples per iteration as the others
+        norms = []
+        for _ in range(n_up):
+            cond = self.env.sample_conditions(m, gen)
+            norms.append(self._opt_step(-self.objective(batch.grid, m, cond, gen).mean()))
+        return {"grad_norm": sum(norms) / len(norms)}
+
+    def objective(self, grid, n: int, cond, gen: torch.Generator) -> Tensor:
+        """r(x_T) - beta sum_k KL_k(theta) on fresh reparameterised samples; differentiable in theta."""
         x = self.env.sample_init(n, gen)
-        cond = batch.cond
-        pol = self.policy.score_fn(cond)
+        pol = lambda s, y: self.policy_train(s, y, cond)
         pre = lambda s, y: self.env.pretrained_score(s, y, cond)
-        kl_total = 0.0
+        kl_total = torch.zeros(n, dtype=x.dtype, device=x.device)
         first_grad = grid.K - self.cfg.bp_steps if self.cfg.bp_steps > 0 else 0
         for k in range(grid.K):
             s_c, s_n = grid.s[k], grid.s[k + 1]
             x_in = x if k >= first_grad else x.detach()
             mean, std = self.stepper.mean_std(pol, x_in, s_c, s_n)
-            with torch.no_grad():
-                mean_pre, _ = self.stepper.mean_std(pre, x_in.detach(), s_c, s_n)
+            # the pretrained mean must see the same (differentiable) state: KL_k depends on x_k through both means
+            mean_pre, _ = self.stepper.mean_std(pre, x_in, s_c, s_n)
             kl_total = kl_total + per_step_kl(mean, mean_pre, std)
-            z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            z = randn_on(gen, x)
             x = mean + expand_time(std, x) * z
-        r = self.env.reward(x, cond)
-        loss = -(r - self.beta * kl_total).mean()
-        return {"grad_norm": self._opt_step(loss)}
+        return self.env.reward(x, cond) - self.beta * kl_total
 
 
 ALGORITHMS = {c.name: c for c in (CTPO, CTPOPathwise, DDPO, DPOK, Backprop)}

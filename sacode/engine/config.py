@@ -34,11 +34,16 @@ class TrainConfig:
     inner_epochs: int = 1
     minibatch: int = 1024            # transitions per minibatch
     step_fraction: float = 1.0       # fraction of transitions used per epoch (timestep subsampling)
+    micro_batch: int = 0             # transitions per forward/backward pass; gradients accumulate over a minibatch
+                                     # (0: the whole minibatch at once)
+    value_minibatch: int = 0         # states per value-network step (0: minibatch)
+    weight_decay: float = 0.0        # > 0: AdamW with this decoupled weight decay for the policy
     value_epochs: int = 2
     max_grad_norm: float = 1.0
     sum_steps: bool = True           # scale per-transition losses by K (a per-trajectory sum over steps)
     logprob_mean: bool = False       # DDPO's per-dimension mean log-density instead of the sum
     bp_steps: int = 0                # backprop: number of final steps the gradient flows through (0: all)
+    bp_updates: int = 4              # backprop: gradient steps per iteration, each on batch/bp_updates fresh samples
     # networks
     value: str = "structured"        # structured | mlp
     hidden: int = 64
@@ -47,6 +52,9 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = 10
     progress: bool = True
+    # task-specific keys (a task's config_defaults may return {"options": {...}}); set with --set key=value too,
+    # e.g. the Stable Diffusion model path (--set model=PATH)
+    options: dict = field(default_factory=dict)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -69,24 +77,41 @@ ALGO_DEFAULTS = {
 
 def make_config(preset: str, algo: str = "ctpo", profile: str = "class", seed: int = 0,
                 overrides: dict | None = None) -> TrainConfig:
-    """Defaults, then the profile's budget, then the algorithm's tuned values, then the user's overrides."""
+    """Defaults, then the profile's budget, then the algorithm's tuned values, then the preset's own defaults
+    (a task class may define ``config_defaults(profile, algo) -> dict``, e.g. image sizes), then the user's
+    overrides."""
     if profile not in PROFILE_BUDGETS:
         raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILE_BUDGETS)}")
     if algo not in ALGO_DEFAULTS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGO_DEFAULTS)}")
     cfg = TrainConfig(preset=preset, algo=algo, profile=profile, seed=seed)
     cfg = cfg.replace(**PROFILE_BUDGETS[profile]).replace(**ALGO_DEFAULTS[algo])
+    cfg = apply_overrides(cfg, preset_defaults(preset, profile, algo))
     return apply_overrides(cfg, overrides or {})
+
+
+def preset_defaults(preset: str, profile: str, algo: str) -> dict:
+    """The preset's task-specific defaults (``config_defaults`` on its task class), or none."""
+    from .tasks import TASKS
+
+    fn = getattr(TASKS.get(preset), "config_defaults", None)
+    return dict(fn(profile, algo)) if fn is not None else {}
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kw = {}
+    kw, options = {}, dict(cfg.options)
     for key, raw in overrides.items():
-        if key not in fields:
-            raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        kw[key] = _coerce(raw, getattr(cfg, key), key)
-    return cfg.replace(**kw)
+        if key == "options":
+            options.update(raw)
+        elif key in fields:
+            kw[key] = _coerce(raw, getattr(cfg, key), key)
+        elif key in options:
+            options[key] = _coerce(raw, options[key], key)
+        else:
+            extra = f"; options of this preset: {', '.join(sorted(options))}" if options else ""
+            raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}{extra}")
+    return cfg.replace(**kw, options=options)
 
 
 def _coerce(raw, current, key):

@@ -69,6 +69,8 @@ class ToyEnv:
                 raise ValueError(f"pretrained must be 'exact' or a score model; got {pretrained!r}")
             self._score = preset.data.score_fn(preset.sde)
         else:
+            for p in pretrained.parameters():
+                p.requires_grad_(False)
             self._score = pretrained
         self.data: GaussianMixture = preset.data
 
@@ -79,9 +81,8 @@ class ToyEnv:
         return None
 
     def pretrained_score(self, s: Tensor, x: Tensor, cond=None) -> Tensor:
-        if isinstance(self._score, torch.nn.Module):
-            with torch.no_grad():
-                return self._score(s.to(x.dtype), x)
+        if isinstance(self._score, torch.nn.Module):       # frozen parameters; gradients may flow to x
+            return self._score(s.to(x.dtype), x)
         return self._score(s, x)
 
     def reward(self, x: Tensor, cond=None) -> Tensor:

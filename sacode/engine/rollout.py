@@ -32,8 +32,10 @@ class Rollout:
     stds: Tensor          # (K, n)   transition std c_k
     pre_means: Tensor     # (K, n, *event) pretrained transition mean m_pre(x_k)
     kl_steps: Tensor      # (K, n)   per-step KL between policy and pretrained transitions
+    log_ratio_steps: Tensor  # (K, n) sampled log(pi_theta / p_pre)(x_{k+1} | x_k); its expectation is KL_k
     rewards: Tensor       # (n,)
     cond: Any
+    pre_scores: Tensor | None = None   # (K, n, *event) pretrained score s_pre(s_k, x_k) (Tweedie for value networks)
 
     @property
     def n(self) -> int:
@@ -81,6 +83,13 @@ class StepModel:
         return gaussian_log_prob(x_next, mean, std)
 
 
+def randn_on(generator: torch.Generator, like: Tensor) -> Tensor:
+    """Standard normal noise shaped like ``like``, drawn on the generator's device and moved to like's device
+    (one CPU generator then drives CPU and GPU runs alike, as diffusers' randn_tensor does)."""
+    z = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device)
+    return z.to(like.device)
+
+
 def per_step_kl(mean_a: Tensor, mean_b: Tensor, std: Tensor) -> Tensor:
     """KL(N(mean_a, std^2 I) || N(mean_b, std^2 I)) = ||mean_a - mean_b||^2 / (2 std^2), shape (n,)."""
     return sum_event((mean_a - mean_b) ** 2) / (2 * std**2)
@@ -94,18 +103,28 @@ def rollout(env, policy, grid: TimeGrid, stepper: StepModel, n: int, generator: 
         cond = env.sample_conditions(n, generator)
     x = env.sample_init(n, generator)
     pol = policy.score_fn(cond)
-    pre = lambda s, y: env.pretrained_score(s, y, cond)
-    xs, lps, stds, pre_means, kls = [x], [], [], [], []
+    first_pre: list[Tensor] = []
+
+    def pre(s, y):          # the pretrained score; its first call in a step is at (s_k, x_k): keep it
+        out = env.pretrained_score(s, y, cond)
+        if not first_pre:
+            first_pre.append(out)
+        return out
+
+    xs, lps, stds, pre_means, kls, lrs, pre_scores = [x], [], [], [], [], [], []
     for k in range(grid.K):
         s_c, s_n = grid.s[k], grid.s[k + 1]
         mean, std = stepper.mean_std(pol, x, s_c, s_n)
+        first_pre.clear()
         mean_pre, _ = stepper.mean_std(pre, x, s_c, s_n)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        pre_scores.append(first_pre[0].detach())
+        z = randn_on(generator, x)
         x_next = mean + expand_time(std, x) * z
         if not torch.isfinite(x_next).all():
             raise FloatingPointError(f"NaN/inf in the rollout at step {k} (s = {float(s_c):.4g}); the policy "
                                      f"diverged: lower the learning rate or raise the KL weight beta")
         lps.append(gaussian_log_prob(x_next, mean, std))
+        lrs.append(lps[-1] - gaussian_log_prob(x_next, mean_pre, std))
         stds.append(std)
         pre_means.append(mean_pre)
         kls.append(per_step_kl(mean, mean_pre, std))
@@ -113,4 +132,4 @@ def rollout(env, policy, grid: TimeGrid, stepper: StepModel, n: int, generator: 
         x = x_next
     rewards = env.reward(x, cond)
     return Rollout(grid, torch.stack(xs), torch.stack(lps), torch.stack(stds), torch.stack(pre_means),
-                   torch.stack(kls), rewards.detach(), cond)
+                   torch.stack(kls), torch.stack(lrs), rewards.detach(), cond, torch.stack(pre_scores))

@@ -58,6 +58,10 @@ class ToyTask:
 
 
 TASKS: dict[str, Callable] = {name: ToyTask for name in TOY_PRESETS}
+from ..digits.task import DIGITS_PRESETS, DigitsTask  # noqa: E402  (chapter 10: 8x8 digits)
+TASKS.update(dict.fromkeys(DIGITS_PRESETS, DigitsTask))
+from ..sd.task import SD_PRESETS  # noqa: E402  (chapter 11: Stable Diffusion + LoRA; diffusers imported lazily)
+TASKS.update(SD_PRESETS)
 
 
 def make_task(cfg):

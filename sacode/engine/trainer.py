@@ -6,6 +6,7 @@ All randomness after initialisation comes from one ``torch.Generator`` whose sta
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,15 +28,35 @@ def grid_end(cfg: TrainConfig, T: float) -> float:
     return 1e-3 * T if cfg.method == "ddim" else 0.0
 
 
-def make_grid(cfg: TrainConfig, T: float, gen: torch.Generator, K: int | None = None) -> TimeGrid:
+def make_grid(cfg: TrainConfig, T: float, gen: torch.Generator, K: int | None = None, env=None) -> TimeGrid:
     K, s_end = K or cfg.K, grid_end(cfg, T)
+    if cfg.grid == "native":                 # the environment's own grid, e.g. a diffusers scheduler's timesteps
+        if not hasattr(env, "time_grid"):
+            raise ValueError("grid=native needs an environment with its own time grid (e.g. Stable Diffusion's "
+                             "scheduler); use uniform, power or random")
+        return env.time_grid(K)
     if cfg.grid == "uniform":
         return TimeGrid.uniform(T, K, s_end)
     if cfg.grid == "power":
         return TimeGrid.power(T, K, s_end=s_end)
     if cfg.grid == "random":
         return TimeGrid.random(T, K, gen, s_end=s_end)
-    raise ValueError(f"unknown grid {cfg.grid!r}; use uniform, power or random")
+    raise ValueError(f"unknown grid {cfg.grid!r}; use uniform, power, random or native")
+
+
+def make_accelerator(task):
+    """Hugging Face accelerate (DESIGN.md decision 10) for tasks that ask for it (a task attribute ``accelerate``
+    holding Accelerator keyword arguments) and for any run started by ``accelerate launch`` or torchrun
+    (WORLD_SIZE > 1); None otherwise, so single-process toy runs do not touch it."""
+    kw = getattr(task, "accelerate", None)
+    if kw is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(**(kw if kw is not None else {"cpu": True}))
+
+
+RANK_SEED_STRIDE = 1_000_003     # rank r draws its rollouts from seed + 1 + r * stride (rank 0: seed + 1)
 
 
 class Trainer:
@@ -48,13 +69,33 @@ class Trainer:
         self.policy = self.task.make_policy(cfg)
         self.stepper = StepModel(self.env.sde, cfg.method, cfg.eta, cfg.explore)
         self.algo = make_algorithm(cfg.algo, self.env, self.policy, cfg, self.stepper)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.accelerator = make_accelerator(self.task)
+        self.rank, self.world = 0, 1
+        if self.accelerator is not None:
+            self.algo.attach(self.accelerator)
+            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1 + RANK_SEED_STRIDE * self.rank)
         self.iteration, self.samples_used, self.wall = 0, 0, 0.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _gather(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.world == 1 else self.accelerator.gather(v)
 
     # ----- persistence ---------------------------------------------------------------------------
     def save(self) -> None:
+        """checkpoint.pt (main process) and, when distributed, each other rank's generator in rng-rankR.pt. A policy
+        may define ``checkpoint_state()`` / ``load_checkpoint_state()`` (e.g. only its LoRA matrices)."""
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+            if not self.is_main:
+                torch.save(self.gen.get_state(), self.out / f"rng-rank{self.rank}.pt")
+                return
+        pol = self.policy.checkpoint_state() if hasattr(self.policy, "checkpoint_state") else self.policy.state_dict()
         torch.save({"iteration": self.iteration, "samples_used": self.samples_used, "wall": self.wall,
-                    "policy": self.policy.state_dict(), "algo": self.algo.state_dict(),
+                    "policy": pol, "algo": self.algo.state_dict(),
                     "gen": self.gen.get_state(), "config": self.cfg.__dict__}, self.out / CKPT)
 
     def load(self) -> None:
@@ -62,13 +103,16 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}; start a new run without --resume")
         ck = torch.load(path, weights_only=False)
-        self.policy.load_state_dict(ck["policy"])
+        if hasattr(self.policy, "load_checkpoint_state"):
+            self.policy.load_checkpoint_state(ck["policy"])
+        else:
+            self.policy.load_state_dict(ck["policy"])
         self.algo.load_state_dict(ck["algo"])
-        self.gen.set_state(ck["gen"])
+        self.gen.set_state(ck["gen"] if self.is_main else torch.load(self.out / f"rng-rank{self.rank}.pt"))
         self.iteration, self.samples_used, self.wall = ck["iteration"], ck["samples_used"], ck["wall"]
         # metrics written after the checkpoint are rewritten by the resumed run
         mpath = self.out / "metrics.jsonl"
-        if mpath.exists():
+        if mpath.exists() and self.is_main:
             lines = [ln for ln in mpath.read_text().splitlines() if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln)["iteration"] <= self.iteration]
             mpath.write_text("".join(ln + "\n" for ln in keep))
@@ -78,23 +122,31 @@ class Trainer:
         """Train to ``cfg.iterations``; ``callback(trainer)`` runs after every iteration (e.g. evaluations)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.__dict__, indent=1))
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not cfg.progress,
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(cfg.__dict__, indent=1))
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (cfg.progress and self.is_main),
                    desc=f"{cfg.algo} on {cfg.preset}")
-        with open(self.out / "metrics.jsonl", "a") as mf:
+        with open(self.out / ("metrics.jsonl" if self.is_main else os.devnull), "a") as mf:
             while self.iteration < cfg.iterations:
                 t0 = time.perf_counter()
-                grid = make_grid(cfg, self.env.sde.T, self.gen)
+                grid = make_grid(cfg, self.env.sde.T, self.gen, env=self.env)
                 batch = rollout(self.env, self.policy, grid, self.stepper, cfg.batch, self.gen)
                 info = self.algo.update(batch, self.gen)
                 self.iteration += 1
-                self.samples_used += batch.n
+                self.samples_used += batch.n * self.world
                 self.wall += time.perf_counter() - t0
-                obj = batch.rewards - self.algo.beta * batch.kl_path
+                rewards, kl_path = self._gather(batch.rewards), self._gather(batch.kl_path)   # all processes
+                obj = rewards - self.algo.beta * kl_path
                 rec = {"iteration": self.iteration, "samples_used": self.samples_used, "wall_s": self.wall,
-                       "reward": float(batch.rewards.mean()), "kl_path": float(batch.kl_path.mean()),
-                       "objective": float(obj.mean()),
-                       "terminal_mean": batch.xs[-1].reshape(batch.n, -1).mean(0).tolist()} | info
+                       "reward": float(rewards.mean()), "kl_path": float(kl_path.mean()),
+                       "objective": float(obj.mean())}
+                if batch.xs[-1][0].numel() <= 1024:                # not for image latents
+                    rec["terminal_mean"] = batch.xs[-1].reshape(batch.n, -1).mean(0).tolist()
+                rec |= info
+                if hasattr(self.task, "iteration_metrics"):      # optional task hook (e.g. image quality, diversity)
+                    rec |= self.task.iteration_metrics(batch)
+                if hasattr(self.task, "on_iteration"):           # optional task hook with the trainer (image grids,
+                    rec |= self.task.on_iteration(self, batch) or {}   # evaluations at other step counts)
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 bar.update(1)
@@ -110,7 +162,9 @@ class Trainer:
     def evaluate(self, n: int | None = None, grid: TimeGrid | None = None, seed: int | None = None):
         """A fresh rollout of the current policy (its own seeded generator, so evaluation never perturbs training)."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 10_000 if seed is None else seed)
-        grid = grid or TimeGrid.uniform(self.env.sde.T, self.cfg.K, grid_end(self.cfg, self.env.sde.T))
+        if grid is None:
+            grid = (self.env.time_grid(self.cfg.K) if self.cfg.grid == "native"
+                    else TimeGrid.uniform(self.env.sde.T, self.cfg.K, grid_end(self.cfg, self.env.sde.T)))
         return rollout(self.env, self.policy, grid, self.stepper, n or self.cfg.eval_batch, gen)
 
     def finish(self) -> dict:
@@ -119,7 +173,10 @@ class Trainer:
                    "samples_used": self.samples_used, "wall_s": self.wall, "iterations": self.iteration,
                    "K": self.cfg.K, "method": self.cfg.method, "eta": self.cfg.eta}
         summary |= self.task.summary(ev.xs[-1], ev.rewards, ev.kl_path)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            if hasattr(self.task, "write_artifacts"):            # optional task hook (e.g. sample grids)
+                self.task.write_artifacts(self.out, ev)
         return summary
 
 

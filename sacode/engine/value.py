@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .._shapes import as_time
 from ..nets import MLP
 from ..time import diffusion_time
-from .env import tweedie
+from .env import index_cond, tweedie
 
 
 class MLPValue(nn.Module):
@@ -33,7 +33,7 @@ class MLPValue(nn.Module):
         self.env = env
         d = math.prod(env.event_shape) if env.event_shape else 1
         self.net = MLP(d, 1, hidden, depth, n_freq)
-        self.double()
+        self.to(getattr(env, "dtype", torch.float64))       # the environment's dtype (float64 toys, float32 images)
 
     def forward(self, t: Tensor, x: Tensor, cond: Any = None) -> Tensor:
         t = as_time(t, x)
@@ -46,7 +46,8 @@ class StructuredValue(nn.Module):
     def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4):
         super().__init__()
         self.env = env
-        self.correction = MLPValue(env, hidden, depth, n_freq)
+        make = getattr(env, "value_correction", None)    # an environment may supply V_phi (a conv net on latents)
+        self.correction = make(hidden=hidden, depth=depth) if make is not None else MLPValue(env, hidden, depth, n_freq)
 
     def weights(self, t: Tensor) -> tuple[Tensor, Tensor]:
         u = 0.5 * math.pi * (self.env.sde.T - t) / self.env.sde.T
@@ -56,10 +57,31 @@ class StructuredValue(nn.Module):
         s = as_time(diffusion_time(as_time(t, x), self.env.sde.T), x)
         return tweedie(self.env.sde, s, x, self.env.pretrained_score(s, x, cond))
 
-    def forward(self, t: Tensor, x: Tensor, cond: Any = None) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, cond: Any = None, skip: Tensor | None = None) -> Tensor:
+        """V(t, x); ``skip`` = r(x0_hat(t, x)) when already known (see :func:`skip_on_rollout`)."""
         t = as_time(t, x)
         c_skip, c_out = self.weights(t)
-        return c_skip * self.env.reward(self.denoised(t, x, cond), cond) + c_out * self.correction(t, x, cond)
+        if skip is None:
+            skip = self.env.reward(self.denoised(t, x, cond), cond)
+        return c_skip * skip.to(x.dtype) + c_out * self.correction(t, x, cond)
+
+
+def skip_on_rollout(value: nn.Module, batch) -> Tensor | None:
+    """The fixed branch r(x0_hat(t_k, x_k)) of a structured value at every state of a rollout, shape (K+1, n).
+
+    Uses the pretrained scores the rollout recorded, so it costs no score evaluation (for Stable Diffusion: a VAE
+    decode and a reward per state, once per rollout instead of once per value evaluation); the terminal entry is the
+    reward. None for other value networks.
+    """
+    if not isinstance(value, StructuredValue) or getattr(batch, "pre_scores", None) is None:
+        return None
+    K, n, ev = batch.K, batch.n, batch.xs.shape[2:]
+    s = batch.grid.s.to(batch.xs)[:-1].repeat_interleave(n)
+    x = batch.xs[:-1].reshape(K * n, *ev)
+    with torch.no_grad():
+        x0 = tweedie(value.env.sde, s, x, batch.pre_scores.reshape(K * n, *ev).to(x))
+        r = value.env.reward(x0, _repeat_cond(batch.cond, K)).reshape(K, n)
+    return torch.cat([r, batch.rewards[None].to(r)], 0)
 
 
 VALUE_NETWORKS = {"mlp": MLPValue, "structured": StructuredValue}
@@ -71,14 +93,30 @@ def make_value(kind: str, env, **kw) -> nn.Module:
     return VALUE_NETWORKS[kind](env, **kw)
 
 
-def value_on_rollout(value: nn.Module, batch, terminal_exact: bool = True) -> Tensor:
-    """V(t_k, x_k) for k = 0..K, shape (K+1, n); the terminal entry is the reward itself when terminal_exact."""
+def value_on_rollout(value: nn.Module, batch, terminal_exact: bool = True, skip: Tensor | None = None,
+                     chunk: int | None = None) -> Tensor:
+    """V(t_k, x_k) for k = 0..K, shape (K+1, n); the terminal entry is the reward itself when terminal_exact.
+
+    ``skip`` (K+1, n): a structured value's precomputed r(x0_hat) (:func:`skip_on_rollout`); ``chunk``: evaluate at
+    most this many states per call (memory).
+    """
     K, n = batch.K, batch.n
     t = batch.grid.t.to(batch.xs)
     flat_x = batch.xs.reshape((K + 1) * n, *batch.xs.shape[2:])
     flat_t = t.repeat_interleave(n)
     cond = _repeat_cond(batch.cond, K + 1)
-    v = value(flat_t, flat_x, cond).reshape(K + 1, n)
+    flat_skip = skip.reshape(-1) if skip is not None else None
+    N = flat_x.shape[0]
+    if not chunk or chunk >= N:
+        kw = {"skip": flat_skip} if flat_skip is not None else {}
+        v = value(flat_t, flat_x, cond, **kw).reshape(K + 1, n)
+    else:
+        parts = []
+        for j in range(0, N, chunk):
+            idx = torch.arange(j, min(j + chunk, N))
+            kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
+            parts.append(value(flat_t[idx], flat_x[idx], index_cond(cond, idx), **kw))
+        v = torch.cat(parts).reshape(K + 1, n)
     if terminal_exact:
         v = torch.cat([v[:-1], batch.rewards[None].to(v)], dim=0)
     return v
