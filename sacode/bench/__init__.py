@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algos", default=None, help="comma-separated subset of algorithms")
     p.add_argument("--out", default="figures", help="where the JSON and the figure are written")
     p.add_argument("--cache", default="runs/bench-cache")
+    p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid for the fair tuning")
     args = p.parse_args(argv)
     from ..profiles import profile
     prof = args.profile or profile()
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     res = _resolve(BENCHMARKS[args.name])(profile=prof, seeds=args.seeds,
                                           presets=args.presets.split(",") if args.presets else None,
                                           algos=args.algos.split(",") if args.algos else None,
-                                          cache=Path(args.cache), out=Path(args.out))
+                                          cache=Path(args.cache), out=Path(args.out),
+                                          **({"lrs": [float(v) for v in args.lrs.split(",")]} if args.lrs else {}))
     res["command"] = "python -m sacode bench " + " ".join(argv if argv is not None else sys.argv[2:])
     res["wall_s"] = time.perf_counter() - t0
     Path(args.out).mkdir(parents=True, exist_ok=True)

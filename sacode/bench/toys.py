@@ -28,6 +28,34 @@ from ..samplers import TimeGrid, reverse_sde_sample
 
 ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
 EVAL_SEED = 12345
+LRS = [3e-4, 1e-3, 3e-3, 1e-2]
+TUNE_PRESETS = ["gauss1d-linear", "mixture2d-linear"]
+TUNE_SEED = 100                      # tuning runs use their own seed, never one of the reported seeds
+
+
+def tuned_lr(algo: str, profile: str, cache: Path, lrs: list[float] | None = None) -> dict:
+    """Fair tuning: the same learning-rate grid and budget for every algorithm, chosen on a separate seed.
+
+    Score = mean over TUNE_PRESETS of the normalised final objective (J - J_pre) / (J* - J_pre) (1 = optimal).
+    """
+    lrs = lrs or LRS
+    path = cache / f"tuned-{algo}-{profile}-{'_'.join(f'{v:g}' for v in lrs)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    scores = {}
+    for lr in lrs:
+        vals = []
+        for name in TUNE_PRESETS:
+            pr = toy_preset(name)
+            obj = optimal.optimal_objective(pr)
+            _, curve = trained_run(name, algo, TUNE_SEED, profile, cache, {"lr": lr})
+            vals.append((curve[-1]["J"] - obj.expected_reward_pretrained) / (obj.J - obj.expected_reward_pretrained))
+        scores[lr] = float(np.mean(vals))
+    best = max(scores, key=scores.get)
+    res = {"algo": algo, "lr": best, "scores": {str(k): v for k, v in scores.items()}, "presets": TUNE_PRESETS}
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
 
 
 class FixedScorePolicy(ScorePolicy):
@@ -136,18 +164,19 @@ def _fmt(v, nd=3):
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}g}"
 
 
-def toy_convergence(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+def toy_convergence(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
     presets = presets or list(TOY_PRESETS)
     algos = algos or ALGOS
     n_eval = min(_n_eval(profile), 4000)
     rows, curves = [], {}
+    tuning = {a: tuned_lr(a, profile, cache, lrs) for a in algos}
     for name in presets:
         pr = toy_preset(name)
         tol = tolerance(pr, make_config(name, "ctpo", profile).K, n_eval)
         for algo in algos:
             hits, finals = [], []
             for seed in range(seeds):
-                _, curve = trained_run(name, algo, seed, profile, cache)
+                _, curve = trained_run(name, algo, seed, profile, cache, {"lr": tuning[algo]["lr"]})
                 curves[f"{name}/{algo}/{seed}"] = curve
                 hit = _first_within(curve, tol)
                 hits.append({"samples": hit["samples_used"] if hit else None, "wall_s": hit["wall_s"] if hit else None})
@@ -179,7 +208,8 @@ def toy_convergence(profile: str, seeds: int, presets, algos, cache: Path, out: 
                      f"{r['tol_mean']:>10.3f}{r['tol_J']:>8.3f}")
     lines.append("ddpo/ctpo samples-to-tolerance ratio: " + ", ".join(f"{k}: {_fmt(v)}" for k, v in ratios.items()))
     _plot_convergence(curves, rows, presets, algos, out / "bench-toy-convergence.png")
-    return {"profile": profile, "rows": rows, "ratio_ddpo_over_ctpo": ratios, "curves": curves,
+    lines.append("tuned learning rates: " + ", ".join(f"{a}: {t['lr']:g}" for a, t in tuning.items()))
+    return {"profile": profile, "rows": rows, "ratio_ddpo_over_ctpo": ratios, "curves": curves, "tuning": tuning,
             "table": "\n".join(lines),
             "tolerance_rule": "converged when |E x_T - target mean| <= 0.1 |target - pretrained| + floor and "
                               "|J - J*| <= 0.1 |J* - J_pre| + floor; floor = error of the exact optimal control on the "
@@ -218,7 +248,7 @@ def _plot_convergence(curves, rows, presets, algos, path: Path):
 EVAL_KS = [5, 10, 20, 50, 100, 200]
 
 
-def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
     """Train on K = 20 (em, uniform), evaluate elsewhere; degradation = mean |J_K - J_20| over K != 20."""
     presets = presets or list(TOY_PRESETS)
     algos = algos or ALGOS
@@ -231,7 +261,9 @@ def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: P
         ref_pol = FixedScorePolicy(optimal.optimal_score(pr))
         entries = {"optimal": [ref_pol]}
         for algo in algos:
-            entries[algo] = [trained_run(name, algo, seed, profile, cache)[0].policy for seed in range(seeds)]
+            lr = tuned_lr(algo, profile, cache, lrs)["lr"]
+            entries[algo] = [trained_run(name, algo, seed, profile, cache, {"lr": lr})[0].policy
+                             for seed in range(seeds)]
         for label, pols in entries.items():
             from ..engine.env import ToyEnv
             env = ToyEnv(pr)
@@ -301,7 +333,7 @@ def _plot_discretization(rows, presets, path: Path):
     plt.close(fig)
 
 
-def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
     """Fine-tune through the PF-ODE (Heun) with exploration sigma_e, against the exploratory problem's optimum."""
     from .deterministic_target import exploratory_optimum
 
@@ -317,7 +349,8 @@ def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Pa
                 finals = []
                 for seed in range(seeds):
                     tr, _ = trained_run(name, algo, seed, profile, cache,
-                                        {"method": method, "eta": 0.0, "explore": explore})
+                                        {"method": method, "eta": 0.0, "explore": explore,
+                                         "lr": tuned_lr(algo, profile, cache, lrs)["lr"]})
                     ev = evaluate(tr.env, tr.policy, TimeGrid.uniform(pr.sde.T, tr.cfg.K), tr.stepper,
                                   _n_eval(profile), torch.tensor(target["mean"]), pr.beta)
                     finals.append(ev)

@@ -1,0 +1,18 @@
+"""The benchmark CLI runs end to end in a tiny setting and writes its JSON (numbers are not asserted here)."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_toy_convergence_and_discretization_tiny(tmp_path):
+    common = ["--profile", "ci", "--seeds", "1", "--presets", "gauss1d-linear", "--algos", "ctpo,ddpo",
+              "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "fig"), "--lrs", "1e-3,3e-3"]
+    for name in ["toy-convergence", "discretization"]:
+        r = subprocess.run([sys.executable, "-m", "sacode", "bench", name, *common], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads((tmp_path / "fig" / f"bench-{name}.json").read_text())
+        assert res["rows"] and res["command"].startswith("python -m sacode bench " + name)
+        assert (tmp_path / "fig" / f"bench-{name}.png").exists()
+    conv = json.loads((tmp_path / "fig" / "bench-toy-convergence.json").read_text())
+    assert {r["algo"] for r in conv["rows"]} == {"ctpo", "ddpo"}
+    assert all(t["lr"] in (1e-3, 3e-3) for t in conv["tuning"].values())
