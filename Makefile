@@ -9,7 +9,6 @@ NB_DIR := _build/ipynb
 # jupyter as root (every machine here runs as root) needs allow_root; see .jupyter/
 export JUPYTER_CONFIG_PATH := $(CURDIR)/.jupyter
 export HF_HUB_OFFLINE := 1
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: all venv test unit verify notebooks nbtest book lab handouts clean help

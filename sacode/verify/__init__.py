@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, computed, closed_form, tol, ok}")
     p.add_argument("--only", default=None, help="run only checks whose name contains this string")
     args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)        # the checks are many small tensor operations: one thread is fastest
     t0 = time.perf_counter()
     try:
         results = run_checks(args.only, None if args.json else (lambda n: print(f"running {n} ...", file=sys.stderr)))
