@@ -1,1 +1,248 @@
-"""Checks of issue 3 (policy_checks); filled in by its chapter's author."""
+"""Checks of chapter 6 (policy evaluation, q-function, policy gradients, performance difference).
+
+All on the 1-D Gaussian toys with the affine family mu = s_pre + theta0(t) + theta1(t) x (5 hat knots), where
+J, V^theta, q, grad J and the performance difference are exact (moment ODEs, rtol 1e-10). Monte-Carlo checks
+allow Z standard errors plus the estimator's exact discretisation bias on its grid (computed from the exact
+moments of the Euler-Maruyama chain) plus the finite-difference error; exact checks allow EXACT_TOL.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .. import policy_eval as pe
+from ..affine_policy import AffineScoreFamily
+from ..presets import toy_preset
+from ..samplers import TimeGrid
+from . import Z, CheckResult, check
+
+EXACT_TOL = 1e-8
+"""Tolerance of comparisons between exact ODE results: 100 x the integrators' rtol (1e-10) on O(1) values."""
+
+THETA_NT = np.array([0.1, 0.3, 0.5, 1.0, 1.5, 0.0, 0.0, -0.2, -0.5, -1.0])
+"""A non-trivial parameter of the 5-knot family: theta0 rising to 1.5, theta1 falling to -1 at t = T."""
+
+
+def _one_thread(fn):
+    """Run a check with one intra-op torch thread (restored afterwards): these are many small tensor ops, where a
+    second thread on a loaded 2-core machine slows transcendental functions by ~100x."""
+    @functools.wraps(fn)
+    def wrapped():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(n)
+    return wrapped
+
+
+def _family(name: str) -> tuple[AffineScoreFamily, object]:
+    p = toy_preset(name)
+    return AffineScoreFamily.from_preset(p, 5), p
+
+
+@check("policy-value")
+@_one_thread
+def policy_value():
+    """V^theta(t, x) from the backward ODEs vs the mean Monte-Carlo return from (t, x) (gauss1d-quadratic, THETA_NT).
+
+    Returns use Euler-Maruyama with per-step KLs; their exact mean on the grid, V_K(t, x), comes from the discrete
+    moment recursion, and |V_K - V| is added to Z standard errors. Also E V^theta(0, X_0) = J(theta) (exact).
+    """
+    fam, p = _family("gauss1d-quadratic")
+    V = pe.value_function(fam, THETA_NT, p.reward, p.beta)
+    out = []
+    n = 20000
+    for t0, x0 in [(0.0, 0.0), (0.5, -1.0), (0.85, 2.5)]:
+        K = max(20, int(round(200 * (fam.T - t0))))
+        grid = TimeGrid(torch.linspace(fam.T - t0, 0.0, K + 1, dtype=torch.float64), fam.T)
+        gen = torch.Generator().manual_seed(11)
+        R = pe.sample_returns(fam, THETA_NT, p.reward, p.beta, grid, torch.full((n,), x0, dtype=torch.float64), gen)
+        vk = pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, grid, mean0=x0, var0=0.0).objective
+        v = float(V(t0, torch.tensor([x0], dtype=torch.float64)))
+        se = float(R.std()) / math.sqrt(n)
+        out.append(CheckResult.compare(f"policy-value/V(t={t0:g},x={x0:g})", R.mean(), v, Z * se + abs(vk - v),
+                                       f"n={n}, K={K}, grid bias {vk - v:+.1e}"))
+    J = pe.objective(fam, THETA_NT, p.reward, p.beta).objective
+    out.append(CheckResult.compare("policy-value/E V(0,X0) = J", V.mean(0.0, 0.0, fam.sde.prior_std() ** 2), J,
+                                   EXACT_TOL, "backward Feynman-Kac ODE vs forward moment ODE"))
+    return out
+
+
+@check("policy-q")
+@_one_thread
+def policy_q():
+    """The closed-form q-function vs its definition q = d_t V + b.grad V + g^2/2 V'' + r, and int q dpi = 0.
+
+    d_t V by central differences of the dense ODE solution (steps h, h/2; error |D_h - D_{h/2}|); int q dpi by
+    5-point Gauss-Hermite quadrature, exact for a quadratic in a (tolerance: float64 rounding of the summands).
+    """
+    fam, p = _family("gauss1d-quadratic")
+    beta = p.beta
+    V = pe.value_function(fam, THETA_NT, p.reward, beta)
+    th = torch.as_tensor(THETA_NT)
+    x = torch.tensor([-1.0, 0.3, 2.0], dtype=torch.float64)
+    a = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    tr_sigma = 3.0
+    out = []
+    worst, tol = 0.0, 0.0
+    for t in [0.2, 0.6, 0.9]:
+        s = torch.tensor(fam.T - t, dtype=torch.float64)
+        g2, f = float(fam.sde.g2(s)), float(fam.sde.f_coef(s))
+        d = []
+        for h in (1e-3, 5e-4):
+            d.append((V(t + h, x) - V(t - h, x)) / (2 * h))
+        dV, err = d[1], (d[0] - d[1]).abs()
+        p2, _, _ = V.coefficients(t)
+        sp = fam.pretrained_score(s, x)
+        r = -0.5 * beta * g2 * ((a - sp) ** 2 - tr_sigma)    # centred running reward (V leaves out the constant)
+        q_def = dV + (-f * x + g2 * a) * V.grad(t, x) + g2 * p2 + r
+        q_cf = pe.q_rate(fam, th, V, beta, t, x, a, tr_sigma)
+        worst = max(worst, float((q_def - q_cf).abs().max()))
+        tol = max(tol, float(err.max()))
+    out.append(CheckResult.compare("policy-q/closed form = definition", worst, 0.0, tol,
+                                   "max over 9 (t, x, a); d_t V by finite differences"))
+    nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+    weights = weights / weights.sum()
+    worst, scale = 0.0, 0.0
+    for t in [0.1, 0.5, 0.95]:
+        for sig2 in [0.3, 5.0]:
+            mu = fam.action_mean(torch.tensor(t, dtype=torch.float64), x, th)
+            qs = torch.stack([pe.q_rate(fam, th, V, beta, t, x, mu + math.sqrt(sig2) * z, sig2) for z in nodes])
+            mean = (torch.as_tensor(weights)[:, None] * qs).sum(0)
+            worst = max(worst, float(mean.abs().max()))
+            scale = max(scale, float(qs.abs().max()))
+    out.append(CheckResult.compare("policy-q/int q dpi = 0", worst, 0.0, 50 * np.finfo(float).eps * scale,
+                                   "Gauss-Hermite, 6 (t, Sigma) x 3 x"))
+    return out
+
+
+def _directional_fd(fam, p, theta, d, h=1e-3):
+    fun = lambda eps: pe.objective(fam, theta + eps * d, p.reward, p.beta).objective
+    g, err = pe.finite_difference_gradient(lambda e: fun(float(e[0])), np.zeros(1), h,
+                                           noise=pe.objective_noise(fun(0.0)))
+    return float(g[0]), float(err[0])
+
+
+@check("policy-gradient")
+@_one_thread
+def policy_gradient():
+    """Pathwise and likelihood-ratio Monte-Carlo gradients vs finite differences of the exact J.
+
+    For gauss1d-linear and gauss1d-quadratic, at theta = 0 (pretrained) and THETA_NT: the exact pathwise formula
+    (moments) vs central differences of J in every component; then each estimator along two directions, a constant
+    shift of theta0 and a constant theta1, vs the directional finite difference. Tolerance of the Monte-Carlo rows:
+    Z * SE + |exact mean of the estimator on its grid - FD| + FD error.
+    """
+    out = []
+    n, K = 20000, 200
+    grid = TimeGrid.uniform(1.0, K)
+    nb = 5
+    dirs = {"shift0": np.r_[np.ones(nb), np.zeros(nb)], "theta1": np.r_[np.zeros(nb), np.ones(nb)]}
+    for name in ["gauss1d-linear", "gauss1d-quadratic"]:
+        fam, p = _family(name)
+        for tlabel, theta in [("pre", np.zeros(2 * nb)), ("nt", THETA_NT)]:
+            V = pe.value_function(fam, theta, p.reward, p.beta)
+            g_exact = pe.exact_gradient(fam, theta, p.reward, p.beta, V)
+            J = pe.objective(fam, theta, p.reward, p.beta).objective
+            fd, err = pe.finite_difference_gradient(lambda th: pe.objective(fam, th, p.reward, p.beta).objective,
+                                                    theta, noise=pe.objective_noise(J))
+            i = int(np.argmax(np.abs(g_exact - fd) - err))
+            out.append(CheckResult.compare(f"policy-gradient/{name}/{tlabel}/exact vs FD", g_exact[i], fd[i],
+                                           err[i] + EXACT_TOL, f"worst of {theta.size} components (#{i})"))
+            gen = torch.Generator().manual_seed(12)
+            traj = pe.sample_trajectories(fam, theta, n, grid, gen)
+            ests = {"pathwise": pe.pathwise_gradient(fam, theta, traj, V, p.beta),
+                    "lr-exact": pe.likelihood_ratio_gradient(fam, theta, traj, V, p.beta, "exact")}
+            for form, est in ests.items():
+                mean_k = pe.expected_estimate(fam, theta, V, p.beta, grid, form)
+                for dlabel, d in dirs.items():
+                    fd_d, err_d = _directional_fd(fam, p, theta, d)
+                    samples = est.samples @ d
+                    se = float(samples.std(ddof=1)) / math.sqrt(n)
+                    bias = abs(float(mean_k @ d) - fd_d)
+                    out.append(CheckResult.compare(f"policy-gradient/{name}/{tlabel}/{form}/{dlabel}",
+                                                   samples.mean(), fd_d, Z * se + bias + err_d,
+                                                   f"n={n}, K={K}, se={se:.1e}, grid bias={bias:.1e}"))
+    return out
+
+
+@check("policy-pd")
+@_one_thread
+def policy_performance_difference():
+    """J(theta') - J(theta) = E^theta' int A^theta dt (exact), and |J(theta') - L_theta(theta')| <= bound.
+
+    Bounds (corrected, theory-notes 2.5): marginal int sqrt(2 (E'A^2 + E A^2) KL(p'_t||p_t)) dt and path
+    sqrt(2 KL(P'||P)) int sqrt(E'A^2 + E A^2) dt. A row passes when the local-approximation error is <= the bound.
+    """
+    out = []
+    cases = [("gauss1d-quadratic", THETA_NT, np.r_[0.2 * np.ones(5), 0.0, 0.0, 0.0, -0.3, -0.3]),
+             ("gauss1d-linear", np.zeros(10), np.r_[np.zeros(5), -0.3 * np.ones(5)])]
+    for name, theta, d in cases:
+        fam, p = _family(name)
+        for eps in [0.1, 0.5, 2.0]:
+            r = pe.performance_difference(fam, theta, theta + eps * d, p.reward, p.beta)
+            out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/formula", r.pdl, r.difference,
+                                           EXACT_TOL * (1 + abs(r.j_old) + abs(r.j_new)),
+                                           "E^theta' int A dt vs J(theta') - J(theta)"))
+            out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/|J-L| <= marginal bound", r.local_error,
+                                           0.0, r.bound_marginal, f"KL path {r.kl_path:.2e}; sup-bound "
+                                           f"{'inf' if math.isinf(r.bound_sup) else f'{r.bound_sup:.2e}'}"))
+            out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/|J-L| <= path bound", r.local_error,
+                                           0.0, r.bound_path))
+    return out
+
+
+@check("policy-optimal")
+@_one_thread
+def policy_optimal():
+    """The optimal control a* = s_pre + grad V*/beta lies in the affine family and attains J*.
+
+    J(theta*) by the moment ODE vs the closed form J* = E V*(0, X_0) (and vs sacode.optimal's J*);
+    J* - J(theta* + delta) = beta KL(P^{theta*+delta} || P^*) (performance difference at the optimum; > 0);
+    grad J(theta*) = 0 in every basis direction.
+    """
+    from .. import optimal as opt
+
+    out = []
+    for name in ["gauss1d-linear", "gauss1d-quadratic", "gauss1d-linear-short", "gauss1d-quadratic-short"]:
+        fam, p = _family(name)
+        ofam = pe.optimal_family(fam, p.reward, p.beta)
+        J_theta = pe.objective(ofam, ofam.zeros(), p.reward, p.beta).objective
+        J_star = pe.optimal_objective(fam, p.reward, p.beta)
+        out.append(CheckResult.compare(f"policy-optimal/{name}/J(theta*) = J*", J_theta, J_star, EXACT_TOL))
+        out.append(CheckResult.compare(f"policy-optimal/{name}/J* vs sacode.optimal", J_star,
+                                       opt.optimal_objective(p).J, EXACT_TOL, "two closed forms"))
+        g = pe.exact_gradient(ofam, ofam.zeros(), p.reward, p.beta)
+        out.append(CheckResult.compare(f"policy-optimal/{name}/max|grad J(theta*)|", np.abs(g).max(), 0.0, EXACT_TOL))
+        if name.endswith("-short"):
+            continue
+        for dlabel, d in [("shift0", np.r_[0.3 * np.ones(5), np.zeros(5)]),
+                          ("theta1", np.r_[np.zeros(5), [0.0, 0.2, -0.4, 0.5, -0.6]])]:
+            J_pert = pe.objective(ofam, d, p.reward, p.beta).objective
+            kl = pe.path_kl(ofam, d, ofam.zeros())
+            out.append(CheckResult.compare(f"policy-optimal/{name}/J*-J(theta*+{dlabel}) = beta KL", J_star - J_pert,
+                                           p.beta * kl, EXACT_TOL, f"gap {J_star - J_pert:.3e} > 0"))
+    return out
+
+
+@check("policy-discrete")
+@_one_thread
+def policy_discrete():
+    """J_K of the Euler-Maruyama sampler (exact moment recursion) converges to J at first order in 1/K.
+
+    gauss1d-quadratic at THETA_NT; slope of log|J_K - J| vs log K over K = 50..400, tolerance 0.1 as for the
+    samplers' weak-order checks.
+    """
+    fam, p = _family("gauss1d-quadratic")
+    J = pe.objective(fam, THETA_NT, p.reward, p.beta).objective
+    Ks = [50, 100, 200, 400]
+    errs = [abs(pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, TimeGrid.uniform(1.0, K)).objective - J)
+            for K in Ks]
+    slope = -float(np.polyfit(np.log(Ks), np.log(errs), 1)[0])
+    return [CheckResult.compare("policy-discrete/em order of J_K -> J", slope, 1.0, 0.1,
+                                f"|J_K - J| {errs[0]:.2e} -> {errs[-1]:.2e}")]
