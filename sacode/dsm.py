@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._shapes import as_time, expand_time, sum_event
 from .data import GaussianMixture

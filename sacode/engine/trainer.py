@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..samplers import TimeGrid
 from .algos import make_algorithm
