@@ -17,6 +17,8 @@ BENCHMARKS = {
     "toy-convergence": "sacode.bench.toys:toy_convergence",
     "discretization": "sacode.bench.toys:discretization",
     "deterministic": "sacode.bench.toys:deterministic",
+    "sd-throughput": "sacode.bench.sd:sd_throughput",
+    "digits": "sacode.bench.digits:digits",
 }
 
 
