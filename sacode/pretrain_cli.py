@@ -9,5 +9,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "toys":
         from .pretrained_toys import main as toys
         return toys(argv)
-    print("usage: python -m sacode pretrain toys", file=sys.stderr)
+    if argv and argv[0] in ("digits", "digits-classifier"):
+        from .digits.pretrain import main as digits_main
+        return digits_main(argv)
+    print("usage: python -m sacode pretrain toys|digits|digits-classifier", file=sys.stderr)
     return 2

@@ -1,0 +1,238 @@
+"""``python -m sacode bench digits``: fine-tuning the pretrained 8x8-digits UNet (chapter 10).
+
+Three measurements on ``digits-class3`` (reward log p(3 | x), beta = 1), all at the run size of the profile:
+
+* **algorithms**: ctpo and the baselines at an equal sample budget (iterations x batch trajectories), over
+  several seeds: reward reached, path KL spent, objective J = E r - beta KL against the bound
+  J* = beta log E_pre e^{r/beta}, sample quality (FD to held-out digits and to the digits 3) and diversity,
+  along training and at the end.
+* **beta sweep**: ctpo and ddpo with beta from 0 (pure reward maximisation: reward hacking) to 3, the
+  reward-KL trade-off (a Pareto plot) with sample grids.
+* **time grids**: policies trained on K = 10 DDIM steps evaluated with K in EVAL_KS steps (and with the
+  Euler-Maruyama sampler): does the fine-tuned score transfer to other discretisations?
+
+Runs are cached in ``runs/bench-cache`` (so re-running with more seeds only trains what is missing).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.config import make_config
+from ..engine.rollout import StepModel, rollout
+from ..engine.trainer import Trainer, grid_end
+from ..samplers import TimeGrid
+
+PRESET = "digits-class3"
+ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
+SWEEP_ALGOS = ["ctpo", "ddpo"]
+BETAS = [0.0, 0.1, 0.3, 1.0, 3.0]
+EVAL_KS = [5, 10, 20, 40]
+EVAL_SEED = 54321
+N_IMAGES = 32                       # sample images stored per run for the chapter's grids
+CURVE_KEYS = ("iteration", "samples_used", "wall_s", "reward", "kl_path", "objective", "fd_batch",
+              "pairwise_distance", "class_entropy", "target_fraction", "fd_target_class")
+
+
+def _key(preset: str, algo: str, seed: int, profile: str, overrides: dict) -> str:
+    h = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{preset}-{algo}-seed{seed}-{profile}-{h}"
+
+
+def trained(preset: str, algo: str, seed: int, profile: str, cache: Path, overrides: dict | None = None) -> dict:
+    """Train one run (or read it from the cache): its summary, its per-iteration curve and its directory."""
+    overrides = dict(overrides or {}) | {"progress": False}
+    out = Path(cache) / _key(preset, algo, seed, profile, overrides)
+    if not ((out / "summary.json").exists() and (out / "checkpoint.pt").exists()):
+        cfg = make_config(preset, algo, profile, seed, overrides)
+        tr = Trainer(cfg, out)
+        if (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()         # an interrupted run starts over
+        tr.run()
+        torch.save(tr.evaluate(n=N_IMAGES, seed=EVAL_SEED).xs[-1], out / "images.pt")
+    summary = json.loads((out / "summary.json").read_text())
+    curve = [{k: r[k] for k in CURVE_KEYS if k in r}
+             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return {"summary": summary, "curve": curve, "dir": str(out), "overrides": overrides, "profile": profile}
+
+
+def load_trainer(run: dict) -> Trainer:
+    s = run["summary"]
+    cfg = make_config(s["preset"], s["algo"], run["profile"], s["seed"], run["overrides"])
+    tr = Trainer(cfg, run["dir"])
+    tr.load()
+    return tr
+
+
+def _images(run: dict) -> list:
+    x = torch.load(Path(run["dir"]) / "images.pt", weights_only=True)
+    return np.round(x[:, 0].numpy(), 3).tolist()
+
+
+@torch.no_grad()
+def evaluate_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
+    """Reward, path KL, J and sample quality of a trained policy on a K-step uniform grid of ``method``."""
+    cfg = tr.cfg.replace(K=K, method=method, s_end=None)
+    grid = TimeGrid.uniform(tr.env.sde.T, K, grid_end(cfg, tr.env.sde.T))
+    b = rollout(tr.env, tr.policy, grid, StepModel(tr.env.sde, method, cfg.eta), n, torch.Generator().manual_seed(seed))
+    m = tr.task.image_metrics(b.xs[-1])
+    J = b.rewards.double() - tr.algo.beta * b.kl_path.double()
+    return {"K": K, "method": method, "reward": float(b.rewards.mean()), "kl_path": float(b.kl_path.mean()),
+            "J": float(J.mean()), "J_se": float(J.std() / math.sqrt(n)), "sample_quality": m["sample_quality"],
+            "fd_target_class": m.get("fd_target_class"), "target_fraction": m.get("target_fraction")}
+
+
+@torch.no_grad()
+def pretrained_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
+    cfg = tr.cfg.replace(K=K, method=method, s_end=None)
+    grid = TimeGrid.uniform(tr.env.sde.T, K, grid_end(cfg, tr.env.sde.T))
+    b = tr.task.pretrained_rollout(n, grid, StepModel(tr.env.sde, method, cfg.eta), seed)
+    m = tr.task.image_metrics(b.xs[-1])
+    r = b.rewards.double()
+    beta = tr.algo.beta
+    return {"K": K, "method": method, "reward": float(r.mean()), "kl_path": 0.0, "J": float(r.mean()),
+            "J_opt_bound": float(beta * (torch.logsumexp(r / beta, 0) - math.log(n))),
+            "sample_quality": m["sample_quality"], "fd_target_class": m.get("fd_target_class"),
+            "target_fraction": m.get("target_fraction")}
+
+
+def _agg(vals: list[float]) -> tuple[float, float]:
+    a = np.asarray([v for v in vals if v is not None], dtype=float)
+    return (float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0) if a.size else (float("nan"), 0.0)
+
+
+def _n_eval(profile: str) -> int:
+    return {"ci": 64, "class": 256, "full": 1000}[profile]
+
+
+def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+    from ..digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
+
+    preset = (presets or [PRESET])[0]
+    algos = algos or ALGOS
+    sweep_algos = [a for a in SWEEP_ALGOS if a in algos]
+    betas = BETAS if profile != "ci" else [0.0, 1.0]
+    eval_ks = EVAL_KS if profile != "ci" else [5, 10]
+    n_eval = _n_eval(profile)
+    res: dict = {"profile": profile, "preset": preset, "seeds": seeds, "algos": algos, "betas": betas,
+                 "eval_ks": eval_ks, "n_eval_grids": n_eval}
+
+    # 1. algorithms at an equal sample budget ------------------------------------------------------------
+    runs = {a: [trained(preset, a, s, profile, cache) for s in range(seeds)] for a in algos}
+    first = runs[algos[0]][0]["summary"]
+    res["pretrained"] = {k[: -len("_pretrained")]: first[k] for k in first if k.endswith("_pretrained")}
+    res["pretrained"]["objective_opt_bound"] = first["objective_opt_bound"]
+    res["pretrained_images"] = None
+    rows = []
+    for a in algos:
+        ss = [r["summary"] for r in runs[a]]
+        row = {"algo": a, "seeds": len(ss), "samples_used": ss[0]["samples_used"], "beta": ss[0]["beta"]}
+        for k in ("reward_final", "kl_path", "objective", "sample_quality_final", "fd_target_class_final",
+                  "target_fraction_final", "pairwise_distance_final", "class_entropy_final", "wall_s",
+                  "objective_opt_bound", "reward_pretrained"):
+            row[k], row[k + "_sd"] = _agg([s.get(k) for s in ss])
+        row["curves"] = [r["curve"] for r in runs[a]]
+        row["images"] = _images(runs[a][0])
+        rows.append(row)
+    res["algorithms"] = rows
+
+    # 2. beta sweep (reward-KL trade-off, reward hacking at beta = 0) ------------------------------------
+    sweep = []
+    for a in sweep_algos:
+        for beta in betas:
+            r = runs[a][0] if beta == runs[a][0]["summary"]["beta"] else trained(preset, a, 0, profile, cache,
+                                                                                {"beta": beta})
+            s = r["summary"]
+            sweep.append({"algo": a, "beta": beta} | {k: s.get(k) for k in (
+                "reward_final", "kl_path", "objective", "sample_quality_final", "fd_target_class_final",
+                "target_fraction_final", "pairwise_distance_final", "class_entropy_final")} | {"images": _images(r)})
+    res["beta_sweep"] = sweep
+
+    # 3. time grids: trained on K = cfg.K (ddim), evaluated on other K and with em -----------------------
+    grids = []
+    robust_algos = [a for a in ("ctpo", "ddpo", "dpok") if a in algos]
+    tr0 = None
+    for a in robust_algos:
+        for seed in range(seeds):
+            tr = load_trainer(runs[a][seed])
+            tr0 = tr0 or tr
+            for method in ("ddim", "em"):
+                for K in eval_ks:
+                    grids.append({"algo": a, "seed": seed} | evaluate_on_grid(tr, K, method, n_eval))
+    if tr0 is not None:
+        for method in ("ddim", "em"):
+            for K in eval_ks:
+                grids.append({"algo": "pretrained", "seed": 0} | pretrained_on_grid(tr0, K, method, n_eval))
+        res["train_K"] = tr0.cfg.K
+        res["pretrained_images"] = np.round(
+            tr0.task.pretrained_rollout(N_IMAGES, TimeGrid.uniform(tr0.env.sde.T, tr0.cfg.K, grid_end(tr0.cfg, 1.0)),
+                                        tr0.stepper, EVAL_SEED).xs[-1][:, 0].numpy(), 3).tolist()
+    res["time_grids"] = grids
+    res["table"] = _table(res)
+    _plot(res, out / "bench-digits.png")
+    return res
+
+
+def _fmt(m, sd, nd=2):
+    return f"{m:.{nd}f}±{sd:.{nd}f}" if math.isfinite(m) else "—"
+
+
+def _table(res: dict) -> str:
+    p = res["pretrained"]
+    lines = [f"digits-class3 (r = log p(3|x), beta = {res['algorithms'][0]['beta']:g}), "
+             f"{res['algorithms'][0]['samples_used']} trajectories per run, {res['seeds']} seeds, profile {res['profile']}",
+             f"pretrained: reward {p['reward']:.2f}, FD {p['sample_quality']:.1f}, FD to 3s {p.get('fd_target_class', float('nan')):.0f}, "
+             f"share of 3s {p.get('target_fraction', float('nan')):.2f}; bound J* = beta log E e^(r/beta) = {p['objective_opt_bound']:.2f}",
+             f"{'algo':<14}{'reward':>13}{'path KL':>12}{'J':>13}{'FD':>13}{'FD to 3s':>13}{'share 3s':>12}{'pair dist':>11}{'wall s':>8}"]
+    for r in res["algorithms"]:
+        lines.append(f"{r['algo']:<14}{_fmt(r['reward_final'], r['reward_final_sd']):>13}{_fmt(r['kl_path'], r['kl_path_sd']):>12}"
+                     f"{_fmt(r['objective'], r['objective_sd']):>13}{_fmt(r['sample_quality_final'], r['sample_quality_final_sd'], 0):>13}"
+                     f"{_fmt(r['fd_target_class_final'], r['fd_target_class_final_sd'], 0):>13}"
+                     f"{_fmt(r['target_fraction_final'], r['target_fraction_final_sd']):>12}"
+                     f"{r['pairwise_distance_final']:>11.2f}{r['wall_s']:>8.0f}")
+    lines.append("beta sweep (seed 0): algo beta -> reward, path KL, FD, FD to 3s")
+    for r in res["beta_sweep"]:
+        lines.append(f"  {r['algo']:<6} beta={r['beta']:<5g} reward {r['reward_final']:7.2f}  KL {r['kl_path']:6.2f}  "
+                     f"FD {r['sample_quality_final']:6.0f}  FD-3s {r['fd_target_class_final']:6.0f}")
+    lines.append(f"time grids (trained on K = {res.get('train_K')} ddim): J = E r - beta KL, mean over seeds")
+    ks = res["eval_ks"]
+    lines.append(f"  {'algo':<12}{'sampler':<6}" + "".join(f"{'K=' + str(k):>9}" for k in ks))
+    for a in dict.fromkeys(g["algo"] for g in res["time_grids"]):
+        for method in ("ddim", "em"):
+            vals = [np.mean([g["J"] for g in res["time_grids"] if g["algo"] == a and g["method"] == method and g["K"] == k])
+                    for k in ks]
+            lines.append(f"  {a:<12}{method:<6}" + "".join(f"{v:>9.2f}" for v in vals))
+    return "\n".join(lines)
+
+
+def _plot(res: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from ..plotting import color, setup
+    setup()
+    fig = Figure(figsize=(13, 3.6))
+    ax = fig.subplots(1, 3)
+    for r in res["algorithms"]:
+        c = r["curves"]
+        x = [p["samples_used"] for p in c[0]]
+        y = np.mean([[p["reward"] for p in cv] for cv in c], axis=0)
+        ax[0].plot(x, y, color=color(r["algo"]), label=r["algo"])
+        ax[1].plot(x, np.mean([[p["kl_path"] for p in cv] for cv in c], axis=0), color=color(r["algo"]))
+    ax[0].set(xlabel="trajectories sampled", ylabel="reward log p(3|x) (batch mean)", title="reward")
+    ax[1].set(xlabel="trajectories sampled", ylabel="path KL (nats)", title="KL to the pretrained sampler")
+    ax[0].legend(fontsize=7)
+    for a in dict.fromkeys(r["algo"] for r in res["beta_sweep"]):
+        pts = sorted([r for r in res["beta_sweep"] if r["algo"] == a], key=lambda r: r["kl_path"])
+        ax[2].plot([p["kl_path"] for p in pts], [p["reward_final"] for p in pts], "o-", color=color(a), label=a)
+        for p in pts:
+            ax[2].annotate(f"β={p['beta']:g}", (p["kl_path"], p["reward_final"]), fontsize=6)
+    ax[2].set(xlabel="path KL (nats)", ylabel="reward", title="reward–KL trade-off")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
