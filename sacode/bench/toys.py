@@ -262,9 +262,17 @@ def _plot_convergence(curves, rows, presets, algos, path: Path):
         ax.axhline(row["tol_mean"], color="k", ls=":", lw=1, label="tolerance")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("trajectories sampled")
-    axes[0][0].set_ylabel("|E x_T − K-step optimal mean| (median over seeds)")
+    _finish(fig, axes, "|E x_T − K-step optimal mean| (median over seeds)", "Convergence to the closed-form optimum",
+            path)
+
+
+def _finish(fig, axes, ylabel: str, title: str, path: Path) -> None:
+    """Shared ending of the per-preset panel figures: labels, legend, title, save."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Convergence to the closed-form optimum")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -367,12 +375,7 @@ def _plot_discretization(rows, presets, path: Path):
         ax.axvline(20, color="0.7", lw=1)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("evaluation steps K")
-    axes[0][0].set_ylabel("J = E r − β KL")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Trained on K = 20, evaluated on other grids")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, axes, "J = E r − β KL", "Trained on K = 20, evaluated on other grids", path)
 
 
 def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
