@@ -12,8 +12,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sacode {" + ",".join(commands) + "} [options]\n"
               "  verify   run every closed-form theory check\n"
               "  train    one fine-tuning run (see python -m sacode train --help)\n"
-              "  pretrain reproduce a committed pretrained model (toys)\n"
-              "  bench    comparisons behind the book's figures (toy-convergence, discretization, deterministic)", file=sys.stderr)
+              "  pretrain reproduce a committed pretrained model (toys, digits, digits-classifier)\n"
+              "  bench    comparisons behind the book's figures (toy-convergence, discretization, deterministic, digits,\n"
+              "           sd-throughput)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
     return importlib.import_module(commands[argv[0]]).main(argv[1:])

@@ -69,9 +69,20 @@ def load_trainer(run: dict) -> Trainer:
     return tr
 
 
+def encode_images(x: torch.Tensor) -> list[str]:
+    """Images (n, 1, 8, 8) in [-1, 1] -> one hex string of 64 grey levels (0..255) per image (compact JSON)."""
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).reshape(x.shape[0], 64).numpy()
+    return [row.tobytes().hex() for row in u8]
+
+
+def decode_images(codes: list[str]) -> torch.Tensor:
+    """The inverse of :func:`encode_images` (to 1/255 of the grey range): images (n, 1, 8, 8) in [-1, 1]."""
+    a = np.stack([np.frombuffer(bytes.fromhex(c), dtype=np.uint8) for c in codes]).astype(np.float32)
+    return torch.from_numpy(a / 127.5 - 1.0).reshape(-1, 1, 8, 8)
+
+
 def _images(run: dict) -> list:
-    x = torch.load(Path(run["dir"]) / "images.pt", weights_only=True)
-    return np.round(x[:, 0].numpy(), 3).tolist()
+    return encode_images(torch.load(Path(run["dir"]) / "images.pt", weights_only=True))
 
 
 @torch.no_grad()
@@ -169,12 +180,14 @@ def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> 
             for K in eval_ks:
                 grids.append({"algo": "pretrained", "seed": 0} | pretrained_on_grid(tr0, K, method, n_eval))
         res["train_K"] = tr0.cfg.K
-        res["pretrained_images"] = np.round(
+        res["pretrained_images"] = encode_images(
             tr0.task.pretrained_rollout(N_IMAGES, TimeGrid.uniform(tr0.env.sde.T, tr0.cfg.K, grid_end(tr0.cfg, 1.0)),
-                                        tr0.stepper, EVAL_SEED).xs[-1][:, 0].numpy(), 3).tolist()
+                                        tr0.stepper, EVAL_SEED).xs[-1])
     res["time_grids"] = grids
+    res["images_format"] = "hex strings of 64 uint8 grey levels, x = v/127.5 - 1; decode with decode_images"
     res["table"] = _table(res)
     _plot(res, out / "bench-digits.png")
+    _plot_samples(res, out / "digits-samples.png")
     return res
 
 
@@ -231,8 +244,27 @@ def _plot(res: dict, path: Path) -> None:
         ax[2].plot([p["kl_path"] for p in pts], [p["reward_final"] for p in pts], "o-", color=color(a), label=a)
         for p in pts:
             ax[2].annotate(f"β={p['beta']:g}", (p["kl_path"], p["reward_final"]), fontsize=6)
-    ax[2].set(xlabel="path KL (nats)", ylabel="reward", title="reward–KL trade-off")
+    ax[2].set_xscale("log")
+    ax[2].set(xlabel="path KL (nats, log scale)", ylabel="reward", title="reward–KL trade-off")
     ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_samples(res: dict, path: Path) -> None:
+    """Sample grids (same noise): pretrained, each algorithm at beta = 1, and the beta = 0 (reward-hacking) runs."""
+    from matplotlib.figure import Figure
+
+    from ..digits.plots import show_grid
+    panels = [("pretrained", res["pretrained_images"])] if res.get("pretrained_images") else []
+    panels += [(f"{r['algo']} (β = {r['beta']:g})", r["images"]) for r in res["algorithms"]]
+    panels += [(f"{r['algo']} (β = 0)", r["images"]) for r in res["beta_sweep"] if r["beta"] == 0]
+    fig = Figure(figsize=(2.3 * len(panels), 2.8))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (title, codes) in zip(axes, panels):
+        show_grid(ax, decode_images(codes)[:16], nrow=4, title=title)
+    fig.suptitle(f"{res['preset']}: samples after fine-tuning ({res['profile']} profile, seed 0, same noise)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -28,6 +28,8 @@ def show_grid(ax, x: Tensor, nrow: int = 8, title: str | None = None) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     if title:
         ax.set_title(title, fontsize=9)
 
