@@ -1,19 +1,24 @@
 """sacode: Scores as Actions, derived and verified.
 
-The SDE layer (diffusion time s; s = 0 is data):
-    :mod:`sacode.sde`        VPSDE, VESDE, OUSDE, their marginals and reverse-time dynamics
-    :mod:`sacode.data`       Gaussian and GaussianMixture data with exact noised scores and posteriors
-    :mod:`sacode.samplers`   TimeGrid and reverse_sde_sample (Euler-Maruyama, DDIM(eta), PF-ODE Euler/Heun)
-    :mod:`sacode.dsm`        denoising score matching and its closed-form minimum
-    :mod:`sacode.exact_laws` exact terminal laws of the reverse dynamics from the sampler's prior
+The package is layered; each layer imports only the ones above it in this list (the book's appendix "How sacode
+is built" draws the import graph):
+
+* :mod:`sacode.dynamics` — SDEs, time, time grids, the one Gaussian-step primitive, samplers (chapters 1-2);
+* :mod:`sacode.theory`   — closed-form laws, the control problem and its rollout, KL, optimal control, exact policy
+  evaluation, the K-step optimum (chapters 2-9);
+* :mod:`sacode.engine`   — policies, value learning, algorithms, the trainer and its configuration (chapters 7-11);
+* :mod:`sacode.envs`     — the environments (toys, digits, Stable Diffusion); they register their presets in
+  :mod:`sacode.registry`;
+* :mod:`sacode.bench`, :mod:`sacode.verify`, :mod:`sacode.cli` — benchmarks, closed-form checks, command line.
 """
-from .data import Gaussian, GaussianMixture, ring_mixture
+from .dynamics.grid import TimeGrid
+from .dynamics.samplers import Trajectory, propagate_gaussian, reverse_sde_sample
+from .dynamics.sde import OUSDE, VESDE, VPSDE, LinearSDE, ReverseSDE
+from .dynamics.time import diffusion_time, rl_time
 from .profiles import profile
-from .samplers import TimeGrid, Trajectory, propagate_gaussian, reverse_sde_sample
-from .sde import OUSDE, VESDE, VPSDE, LinearSDE, ReverseSDE
-from .time import diffusion_time, rl_time
+from .theory.data import Gaussian, GaussianMixture, ring_mixture
 
 __all__ = ["Gaussian", "GaussianMixture", "ring_mixture", "TimeGrid", "Trajectory", "reverse_sde_sample",
            "propagate_gaussian", "VPSDE", "VESDE", "OUSDE", "LinearSDE", "ReverseSDE", "rl_time",
            "diffusion_time", "profile"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,8 +1,8 @@
-"""Helpers for the chapters that train and compare fine-tuning runs (chapters 7-9).
+"""Helpers for the chapters that train and compare fine-tuning runs (chapters 7-10).
 
 * :func:`run_training` — one quiet :class:`~sacode.engine.trainer.Trainer` run in a temporary directory, with its
-  per-iteration metrics loaded back (``metrics.jsonl``) and a seeded evaluation rollout.
-* :func:`evaluate_run` — terminal samples, reward, path KL and J = E r - beta KL of a policy, with standard errors.
+  per-iteration metrics loaded back (``metrics.jsonl``) and a seeded evaluation rollout
+  (:class:`~sacode.engine.evaluation.Evaluation`).
 * :func:`load_bench` — the result of ``python -m sacode bench NAME`` (``figures/bench-NAME.json``) if it exists.
 * :func:`value_input_grad` — grad_x V(t, x) of a value network by autograd (chapter 8).
 """
@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Evaluation", "TrainedRun", "run_training", "evaluate_run", "load_metrics", "repo_root", "bench_path",
-           "load_bench", "value_input_grad", "moving_average"]
+from .engine.evaluation import Evaluation, evaluate_run
+
+__all__ = ["TrainedRun", "run_training", "load_metrics", "repo_root", "bench_path", "load_bench", "value_input_grad",
+           "moving_average"]
 
 
 def repo_root() -> Path:
@@ -52,52 +54,6 @@ def load_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class Evaluation:
-    """A seeded evaluation rollout: terminal samples x (n, *event) and per-sample reward and path KL."""
-
-    x: Tensor
-    reward: Tensor
-    kl: Tensor
-    beta: float
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def objective(self) -> Tensor:
-        """Per-sample r(x_K) - beta KL_path; its mean estimates J_K."""
-        return self.reward - self.beta * self.kl
-
-    def mean_se(self, v: Tensor) -> tuple[float, float]:
-        """Sample mean and its standard error."""
-        v = v.reshape(self.n, -1) if v.ndim > 1 else v
-        return float(v.mean()), float(v.std() / math.sqrt(self.n))
-
-    @property
-    def J(self) -> tuple[float, float]:
-        return self.mean_se(self.objective)
-
-    @property
-    def terminal_mean(self) -> Tensor:
-        return self.x.reshape(self.n, -1).mean(0)
-
-    @property
-    def terminal_mean_se(self) -> Tensor:
-        return self.x.reshape(self.n, -1).std(0) / math.sqrt(self.n)
-
-    @property
-    def terminal_var(self) -> Tensor:
-        return self.x.reshape(self.n, -1).var(0)
-
-
-def evaluate_run(trainer, n: int, seed: int = 12345, grid=None) -> Evaluation:
-    """Evaluate the trainer's current policy on ``grid`` (default: its training grid) with n fresh trajectories."""
-    b = trainer.evaluate(n=n, grid=grid, seed=seed)
-    return Evaluation(b.xs[-1], b.rewards, b.kl_path, float(trainer.algo.beta))
-
-
-@dataclass
 class TrainedRun:
     """A finished training run: the trainer (policy, value network, config), its metrics and an evaluation."""
 
@@ -121,16 +77,15 @@ class TrainedRun:
 
 def run_training(preset: str, algo: str, seed: int = 0, profile: str = "class", n_eval: int = 4000,
                  out: str | Path | None = None, **overrides) -> TrainedRun:
-    """Train ``algo`` on ``preset`` with :func:`sacode.engine.config.make_config` (``overrides`` are config keys,
+    """Train ``algo`` on ``preset`` with :func:`sacode.runs.make_config` (``overrides`` are config keys,
     e.g. ``iterations=30, batch=128, beta=0.1``), quietly, in ``out``. Without ``out`` the run lives in a temporary
     directory that is removed once its metrics are loaded (the trained networks stay in memory)."""
-    from .engine.config import make_config
-    from .engine.trainer import Trainer
+    from .runs import make_config, make_trainer
 
     cfg = make_config(preset, algo, profile, seed, {"progress": False, **overrides})
     keep = out is not None
     out = Path(out) if keep else Path(tempfile.mkdtemp(prefix=f"sacode-{preset}-{algo}-"))
-    tr = Trainer(cfg, out)
+    tr = make_trainer(cfg, out)
     tr.run()
     metrics = load_metrics(out)
     if not keep:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from sacode import optimal as opt
+from sacode.theory import optimal as opt
 from sacode.analysis import (bench_path, load_bench, load_metrics, moving_average, repo_root, run_training,
                              value_input_grad)
-from sacode.engine.env import ToyEnv
+from sacode.envs.toys import ToyEnv
 from sacode.engine.value import StructuredValue
-from sacode.presets import toy_preset
+from sacode.theory.presets import toy_preset
 
 
 def test_moving_average():

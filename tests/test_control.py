@@ -1,8 +1,8 @@
-"""The control formulation (sacode.control): dynamics, rewards, the Gaussian score-action policy, sampler steps as
+"""The control formulation (sacode.theory.control): dynamics, rewards, the Gaussian score-action policy, sampler steps as
 policies, the change-of-variables identity, rollouts with sampled actions, and bad input.
 
 Oracles: sde.reverse_drift (the sampler's own drift), torch.distributions.Normal, the recorded means/stds/log-densities
-of sacode.samplers, closed forms of the VP DDIM(eta=1) step written with alpha_bar, and the exact discrete Gaussian
+of sacode.dynamics.samplers, closed forms of the VP DDIM(eta=1) step written with alpha_bar, and the exact discrete Gaussian
 law (propagate_gaussian) for Monte-Carlo comparisons within Z standard errors.
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from conftest import Z, f64, make_gen
-from sacode.control import (ScoreActionPolicy, ScoreControlProblem, action_of_transition, rollout,
-                            step_coefficients, transition_log_prob_via_policy)
-from sacode.data import ring_mixture
-from sacode.presets import toy_preset
-from sacode.rewards import LinearReward
-from sacode.samplers import TimeGrid, get_step, propagate_gaussian, reverse_sde_sample
-from sacode.sde import OUSDE, VESDE, VPSDE
-from sacode.kl import GaussianLinearExample
+from sacode.dynamics.gaussian_step import gaussian_log_prob, gaussian_step
+from sacode.theory.control import (ScoreActionPolicy, ScoreControlProblem, action_of_transition, rollout,
+                                   transition_log_prob_via_policy)
+from sacode.theory.data import ring_mixture
+from sacode.theory.presets import toy_preset
+from sacode.theory.rewards import LinearReward
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.samplers import get_step, propagate_gaussian, reverse_sde_sample
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
+from sacode.theory.kl import GaussianLinearExample
 
 TOY = GaussianLinearExample.from_preset("gauss1d-linear")
 SDE = TOY.sde
@@ -74,9 +76,9 @@ def test_running_reward_and_its_policy_average(gen=None):
 
 def test_terminal_reward():
     pb = _problem()
-    torch.testing.assert_close(pb.terminal_reward(f64([1.5, -2.0])), f64([1.5, -2.0]))
+    torch.testing.assert_close(pb.reward(f64([1.5, -2.0])), f64([1.5, -2.0]))
     with pytest.raises(ValueError, match="no terminal reward"):
-        ScoreControlProblem(SDE, TOY.s_pre).terminal_reward(f64([1.0]))
+        ScoreControlProblem(SDE, TOY.s_pre).reward(f64([1.0]))
 
 
 # --- the Gaussian score-action policy ---------------------------------------------------------------
@@ -124,14 +126,14 @@ def test_step_mean_is_affine_in_the_score(sde, method, eta):
     sc_fn = lambda s, y: sc
     s_cur, s_next = 0.6 * sde.T, 0.55 * sde.T
     st = get_step(method)(sde, sc_fn, x, s_cur, s_next, None, eta=eta)
-    coef = step_coefficients(sde, s_cur, s_next, method, eta)
+    coef = gaussian_step(sde, s_cur, s_next, method, eta)
     torch.testing.assert_close(coef.A * x + coef.B * sc, st.mean, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(coef.std.expand(3), st.std, rtol=1e-13, atol=1e-15)
 
 
 def test_em_policy_covariance_is_inverse_g2_dt():
     grid = TimeGrid.uniform(SDE.T, 30)
-    coef = step_coefficients(SDE, grid.s[:-1], grid.s[1:], "em", 1.0)
+    coef = gaussian_step(SDE, grid.s[:-1], grid.s[1:], "em", 1.0)
     torch.testing.assert_close(coef.policy_std**2, 1.0 / (SDE.g2(grid.s[:-1]) * grid.dt), rtol=1e-13, atol=0)
 
 
@@ -139,7 +141,7 @@ def test_ddim_eta1_coefficients_in_alpha_bar_form():
     """VP DDIM(1): B = (abar_n - abar_c)/sqrt(abar_c abar_n), std^2 = (1-abar_n)(abar_n-abar_c)/(abar_n (1-abar_c))."""
     sc, sn = f64(0.5), f64(0.45)
     ac, an = SDE.alpha_bar(sc), SDE.alpha_bar(sn)
-    coef = step_coefficients(SDE, sc, sn, "ddim", 1.0)
+    coef = gaussian_step(SDE, sc, sn, "ddim", 1.0)
     torch.testing.assert_close(coef.B, (an - ac) / torch.sqrt(ac * an), rtol=1e-12, atol=0)
     torch.testing.assert_close(coef.std**2, (1 - an) * (an - ac) / (an * (1 - ac)), rtol=1e-12, atol=0)
     torch.testing.assert_close(coef.A, torch.sqrt(an / ac), rtol=1e-14, atol=0)
@@ -154,7 +156,7 @@ def test_transition_density_is_policy_density_2d(method, eta):
     tr = reverse_sde_sample(SDE, score, SDE.prior_sample((50, 2), gen), grid, method, eta, gen, record=True)
     pol = ScoreActionPolicy.of_sampler(SDE, score, grid, method, eta)
     for k in range(grid.K):
-        coef = step_coefficients(SDE, grid.s[k], grid.s[k + 1], method, eta)
+        coef = gaussian_step(SDE, grid.s[k], grid.s[k + 1], method, eta)
         lp = transition_log_prob_via_policy(pol, grid.t[k], tr.xs[k], tr.xs[k + 1], coef)
         torch.testing.assert_close(lp, tr.log_probs[k], rtol=1e-12, atol=1e-12)
         a = action_of_transition(tr.xs[k], tr.xs[k + 1], coef)
@@ -167,17 +169,17 @@ def test_of_sampler_policy_is_defined_on_the_grid_only():
     grid = TimeGrid.uniform(SDE.T, 10)
     pol = ScoreActionPolicy.of_sampler(SDE, TOY.s_pre, grid, "em", 1.0)
     x = f64([0.0, 1.0])
-    expect = step_coefficients(SDE, grid.s[3], grid.s[4], "em").policy_std
+    expect = gaussian_step(SDE, grid.s[3], grid.s[4], "em").policy_std
     torch.testing.assert_close(pol.std(grid.t[3], x), expect.expand(2))
     with pytest.raises(ValueError, match="grid"):
         pol.std(0.05, x)
 
 
-def test_step_coefficients_errors():
-    with pytest.raises(ValueError, match="'em' and 'ddim'"):
-        step_coefficients(SDE, 0.5, 0.4, "pf-heun")
+def test_gaussian_step_errors():
+    with pytest.raises(ValueError, match="covers the methods"):
+        gaussian_step(SDE, 0.5, 0.4, "pf-heun")
     with pytest.raises(ValueError, match="s_next < s_cur"):
-        step_coefficients(SDE, 0.4, 0.5, "em")
+        gaussian_step(SDE, 0.4, 0.5, "em")
 
 
 # --- rollouts with sampled actions ------------------------------------------------------------------
@@ -187,7 +189,8 @@ def test_sampled_actions_without_brownian_noise_have_the_em_law():
     grid = TimeGrid.uniform(SDE.T, K, s_end=1e-3)
     pb = _problem()
     pol = ScoreActionPolicy.of_sampler(SDE, TOY.s_opt, grid, "em", 1.0)
-    tr = rollout(pb, pol, SDE.prior_sample((n,), make_gen(6)), grid, brownian=False, generator=make_gen(7))
+    tr = rollout(pb, pol, grid, pol.transition(SDE, brownian=False), n, make_gen(7),
+                 x_init=SDE.prior_sample((n,), make_gen(6)))
     m, C = propagate_gaussian(SDE, TOY.s_opt, grid, f64([0.0]), f64([[1.0]]), "em", 1.0)
     x = tr.x
     assert abs(float(x.mean() - m[0])) < Z * float(x.std()) / math.sqrt(n)
@@ -195,21 +198,25 @@ def test_sampled_actions_without_brownian_noise_have_the_em_law():
     se_v = math.sqrt(float((c**4).mean() - (c**2).mean() ** 2) / n)
     assert abs(float(x.var() - C[0, 0])) < Z * se_v
     # the recorded transition std is g^2 dt * policy std = g sqrt(dt)
-    coef = step_coefficients(SDE, grid.s[:-1], grid.s[1:], "em", 1.0)
+    coef = gaussian_step(SDE, grid.s[:-1], grid.s[1:], "em", 1.0)
     torch.testing.assert_close(tr.stds[:, 0], coef.std, rtol=1e-12, atol=0)
 
 
 def test_rollout_records_consistent_densities():
+    """The policy-Euler rollout records the Gaussian transition x + b(t, x, mu) dt with variance
+    g^2 dt + g^4 dt^2 std^2 (Brownian noise plus the sampled action's noise), and the pretrained step at x_k."""
     grid = TimeGrid.uniform(SDE.T, 5)
     pb = _problem()
     pol = ScoreActionPolicy(TOY.s_opt, 0.3, SDE.T)
-    tr = rollout(pb, pol, SDE.prior_sample((7,), make_gen(8)), grid, brownian=True, generator=make_gen(9))
+    tr = rollout(pb, pol, grid, pol.transition(SDE), 7, make_gen(9), x_init=SDE.prior_sample((7,), make_gen(8)))
     for k in range(grid.K):
         g2dt = SDE.g2(grid.s[k]) * grid.dt[k]
         torch.testing.assert_close(tr.stds[k], torch.sqrt(g2dt + g2dt**2 * 0.09).expand(7), rtol=1e-13, atol=0)
-        torch.testing.assert_close(tr.extras["action_log_probs"][k], pol.log_prob(grid.t[k], tr.xs[k], tr.scores[k]))
-        torch.testing.assert_close(tr.means[k], tr.xs[k] + grid.dt[k] * pb.b(grid.t[k], tr.xs[k],
-                                                                               tr.extras["action_means"][k]))
+        mean = tr.xs[k] + grid.dt[k] * pb.b(grid.t[k], tr.xs[k], pol.mean(grid.t[k], tr.xs[k]))
+        torch.testing.assert_close(tr.log_probs[k], gaussian_log_prob(tr.xs[k + 1], mean, tr.stds[k]), rtol=1e-12,
+                                   atol=1e-12)
+        pre = tr.xs[k] + grid.dt[k] * pb.b(grid.t[k], tr.xs[k], pb.pretrained_action(grid.t[k], tr.xs[k]))
+        torch.testing.assert_close(tr.pre_means[k], pre, rtol=1e-12, atol=1e-12)
 
 
 def test_exploratory_sde_drift_is_the_sampler_drift():

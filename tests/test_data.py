@@ -1,4 +1,4 @@
-"""Closed-form data laws (sacode.data): scores, posteriors, noised marginals, sampling and validation.
+"""Closed-form data laws (sacode.theory.data): scores, posteriors, noised marginals, sampling and validation.
 
 Oracles: torch.autograd of log_prob for the score; the Gaussian conditioning formula on the joint covariance of
 (X_0, X_s) computed directly with torch.linalg for the posterior; Tweedie's formula for the posterior mean;
@@ -13,8 +13,8 @@ import torch
 from scipy.integrate import quad
 
 from conftest import Z, f64, make_gen, mean_se
-from sacode.data import Gaussian, GaussianMixture, ring_mixture
-from sacode.sde import OUSDE, VESDE, VPSDE
+from sacode.theory.data import Gaussian, GaussianMixture, ring_mixture
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
 
 SDES = {"vp": VPSDE(0.1, 20.0), "ve": VESDE(0.01, 10.0), "ou": OUSDE(0.7, 0.5, 2.0)}
 

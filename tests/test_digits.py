@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from sacode.digits import data as D
-from sacode.digits.pretrain import CLF_JSON, UNET_JSON, load_classifier, load_score_model, sample
-from sacode.digits.quality import frechet_distance, image_metrics, mean_pairwise_distance
-from sacode.digits.rewards import ClassLogProb, JPEGCompressibility, TotalInk
+from sacode.envs.digits import data as D
+from sacode.envs.digits.pretrain import CLF_JSON, UNET_JSON, load_classifier, load_score_model, sample
+from sacode.envs.digits.quality import frechet_distance, image_metrics, mean_pairwise_distance
+from sacode.envs.digits.rewards import ClassLogProb, JPEGCompressibility, TotalInk
 
 # FD of 200 pretrained samples (DDIM, K = 10) to the held-out digits must stay below this. The committed model
-# gives about 60 at n = 200 (the n = 1000 values are in sacode/checkpoints/digits-unet.json); uniform noise images
+# gives about 60 at n = 200 (the n = 1000 values are in sacode/envs/digits/checkpoints/digits-unet.json); uniform noise images
 # give about 800 and the training digits themselves about 30 at this n (finite-n bias of a 64-d FD), so the
 # threshold separates "looks like digits" from "does not" with a wide margin either way.
 FD_THRESHOLD = 150.0
@@ -102,7 +102,7 @@ def test_rewards_protocol():
 
 
 def test_score_cache_is_transparent():
-    from sacode.digits.task import DIGITS_PRESETS, DigitsEnv
+    from sacode.envs.digits.task import DIGITS_PRESETS, DigitsEnv
 
     env = DigitsEnv(DIGITS_PRESETS["digits-class3"])
     g = torch.Generator().manual_seed(0)
@@ -120,12 +120,12 @@ def test_score_cache_is_transparent():
 
 
 def test_ctpo_ci_run_changes_policy(tmp_path):
-    from sacode.engine.config import make_config
-    from sacode.engine.trainer import Trainer
+    from sacode.runs import make_config
+    from sacode.runs import make_trainer
 
     cfg = make_config("digits-class3", "ctpo", "ci", 0, {"progress": False})
     assert cfg.method == "ddim" and cfg.K == DIGITS_CI_K()
-    tr = Trainer(cfg, tmp_path)
+    tr = make_trainer(cfg, tmp_path)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     s = tr.run()
     after = list(tr.policy.parameters())
@@ -142,8 +142,8 @@ def test_ctpo_ci_run_changes_policy(tmp_path):
 
 
 def DIGITS_CI_K():
-    from sacode.digits.task import DIGITS_BUDGETS
-    return DIGITS_BUDGETS["ci"]["K"]
+    from sacode.envs.digits.task import DIGITS_CONFIG
+    return DIGITS_CONFIG.profiles["ci"]["K"]
 
 
 def test_bench_digits_ci(tmp_path):

@@ -1,4 +1,4 @@
-"""The exact K-step optimum (sacode.discrete_optimum): dynamic programming against independent computations."""
+"""The exact K-step optimum (sacode.theory.discrete_optimum): dynamic programming against independent computations."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sacode import optimal as opt
-from sacode import policy_eval as pe
-from sacode.affine_policy import AffineScoreFamily, HatBasis
-from sacode.bench.deterministic_target import exploratory_optimum
-from sacode.discrete_optimum import discrete_optimum, dpok_fixed_point
-from sacode.presets import toy_preset
-from sacode.samplers import TimeGrid
+from sacode.theory import optimal as opt
+from sacode.theory import policy_eval as pe
+from sacode.theory.affine_policy import AffineScoreFamily, HatBasis
+from sacode.theory.exploratory_optimum import exploratory_optimum
+from sacode.theory.discrete_optimum import discrete_optimum, dpok_fixed_point
+from sacode.theory.presets import toy_preset
+from sacode.dynamics.grid import TimeGrid
 from sacode.verify import Z
 
 GAUSS = ["gauss1d-linear", "gauss1d-linear-short", "gauss1d-quadratic", "gauss1d-quadratic-short"]
@@ -76,15 +76,16 @@ def test_exploratory_pf_ode_optimum_matches_the_closed_form(method):
 
 
 def test_engine_rollout_of_the_optimum_matches_the_exact_law():
-    from sacode.bench.toys import FixedScorePolicy
-    from sacode.engine.env import ToyEnv
-    from sacode.engine.rollout import StepModel, rollout
+    from sacode.engine.policy import FixedScorePolicy
+    from sacode.envs.toys import ToyEnv
+    from sacode.dynamics.transition import Transition
+    from sacode.theory.control import rollout
 
     p = toy_preset("gauss1d-quadratic-short")
     grid = TimeGrid.uniform(1.0, 10)
     d = discrete_optimum(p, grid)
     n = 20_000
-    b = rollout(ToyEnv(p), FixedScorePolicy(d.score_fn(p)), grid, StepModel(p.sde, "em", 1.0), n,
+    b = rollout(ToyEnv(p), FixedScorePolicy(d.score_fn(p)), grid, Transition(p.sde, "em", 1.0), n,
                 torch.Generator().manual_seed(3))
     x, J = b.xs[-1], b.rewards - p.beta * b.kl_path
     assert abs(float(x.mean()) - d.mean) <= Z * float(x.std()) / math.sqrt(n)
@@ -113,7 +114,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="zero variance"):
         discrete_optimum(toy_preset("gauss1d-linear"), grid, "ddim", 1.0)          # DDIM's last step to s = 0
     with pytest.raises(ValueError, match="unbounded"):                                 # a strong convex reward
-        from sacode.rewards import QuadraticReward
+        from sacode.theory.rewards import QuadraticReward
         import dataclasses
         p = dataclasses.replace(toy_preset("gauss1d-quadratic"), reward=QuadraticReward(-50.0, [2.0]), beta=0.01)
         discrete_optimum(p, grid)

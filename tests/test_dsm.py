@@ -1,4 +1,4 @@
-"""Denoising score matching (sacode.dsm): the closed-form minimum, its Monte-Carlo twin, Fisher divergence, training.
+"""Denoising score matching (sacode.theory.dsm): the closed-form minimum, its Monte-Carlo twin, Fisher divergence, training.
 
 Closed form (Vincent 2011): with X_s = alpha X_0 + sigma Z the sigma^2-weighted loss of a score s_theta is
 L_s(theta) = L_s* + sigma^2 E||s_theta - grad log p_s||^2, and for Gaussian data N(m, C)
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import Z, f64, make_gen
-from sacode.data import Gaussian, GaussianMixture, ring_mixture
-from sacode.dsm import dsm_loss_per_sample, dsm_minimum_gaussian, dsm_minimum_mc, fisher_divergence, train_dsm
-from sacode.sde import OUSDE, VESDE, VPSDE
+from sacode.theory.data import Gaussian, GaussianMixture, ring_mixture
+from sacode.theory.dsm import dsm_loss_per_sample, dsm_minimum_gaussian, dsm_minimum_mc, fisher_divergence, train_dsm
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
 
 SDES = {"vp": VPSDE(0.1, 20.0), "ve": VESDE(0.01, 10.0), "ou": OUSDE(0.7, 0.5, 2.0)}
 
@@ -112,7 +112,7 @@ def test_fisher_divergence_identical_and_shifted_scores():
 def test_train_dsm_reduces_fisher_divergence():
     """A few hundred seeded Adam steps on 1-D N(0.5, 0.8^2) under VP(0.1, 2) bring the sigma^2-weighted Fisher
     divergence to the exact score well below its value at initialisation (beyond the Monte-Carlo error of both)."""
-    from sacode.nets import ScoreMLP
+    from sacode.engine.nets import ScoreMLP
     sde, data = VPSDE(0.1, 2.0), Gaussian.scalar(0.5, 0.8)
     torch.manual_seed(0)
     model = ScoreMLP(sde, 1, hidden=32, depth=2, n_freq=4)

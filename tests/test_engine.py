@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from sacode.engine.algos import ALGORITHMS, Transitions
-from sacode.engine.config import make_config
-from sacode.engine.rollout import StepModel, rollout
-from sacode.engine.trainer import Trainer, grid_end, train
-from sacode.presets import TOY_PRESETS
-from sacode.samplers import TimeGrid, gaussian_log_prob
+from sacode.runs import make_config
+from sacode.dynamics.transition import Transition
+from sacode.theory.control import rollout
+from sacode.engine.trainer import grid_end
+from sacode.runs import make_trainer, train
+from sacode.theory.presets import TOY_PRESETS
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.gaussian_step import gaussian_log_prob
 
 TINY = {"iterations": 2, "batch": 32, "eval_batch": 64, "K": 8, "hidden": 16, "progress": False,
         "checkpoint_every": 1}
@@ -38,11 +41,11 @@ def _params(tr):
 @pytest.mark.parametrize("algo", ["ctpo", "ddpo"])
 def test_resume_equals_uninterrupted_run(tmp_path, algo):
     cfg = make_config("gauss1d-linear", algo, "ci", 3, TINY | {"iterations": 4, "checkpoint_every": 2})
-    a = Trainer(cfg, tmp_path / "a")
+    a = make_trainer(cfg, tmp_path / "a")
     a.run()
-    b = Trainer(cfg.replace(iterations=2), tmp_path / "b")
+    b = make_trainer(cfg.replace(iterations=2), tmp_path / "b")
     b.run()
-    c = Trainer(cfg, tmp_path / "b")           # a new process would do exactly this
+    c = make_trainer(cfg, tmp_path / "b")           # a new process would do exactly this
     c.load()
     c.run()
     assert torch.equal(_params(a), _params(c))
@@ -61,23 +64,23 @@ def test_same_seed_same_result(tmp_path):
                                                 ("pf-heun", 0.0, 0.3)])
 def test_recomputed_log_prob_equals_stored(tmp_path, method, eta, explore):
     cfg = make_config("mixture2d-linear", "ctpo", "ci", 0, TINY | {"method": method, "eta": eta, "explore": explore})
-    tr = Trainer(cfg, tmp_path)
+    tr = make_trainer(cfg, tmp_path)
     torch.nn.init.normal_(tr.policy.net.net[-1].weight, std=0.1)   # a policy that differs from s_pre
-    b = rollout(tr.env, tr.policy, TimeGrid.uniform(1.0, 6, grid_end(cfg, 1.0)), tr.stepper, 16,
+    b = rollout(tr.env, tr.policy, TimeGrid.uniform(1.0, 6, grid_end(cfg, 1.0)), tr.transition, 16,
                 torch.Generator().manual_seed(0))
     t = Transitions.from_rollout(b)
-    lp = tr.stepper.log_prob(tr.policy.score_fn(None), t.x, t.x_next, t.s_cur, t.s_next)
+    lp = tr.transition.log_prob(tr.policy.score_fn(None), t.x, t.x_next, t.s_cur, t.s_next)
     assert torch.allclose(lp, t.logp_old, rtol=0, atol=1e-10)
     assert (b.kl_steps > 0).all()
 
 
 def test_kl_of_pretrained_policy_is_zero(tmp_path):
     cfg = make_config("gauss1d-quadratic", "ctpo", "ci", 0, TINY)
-    tr = Trainer(cfg, tmp_path)
-    b = rollout(tr.env, tr.policy, TimeGrid.uniform(1.0, 10), tr.stepper, 64, torch.Generator().manual_seed(0))
+    tr = make_trainer(cfg, tmp_path)
+    b = rollout(tr.env, tr.policy, TimeGrid.uniform(1.0, 10), tr.transition, 64, torch.Generator().manual_seed(0))
     assert float(b.kl_path.abs().max()) == 0.0
     # the transition log-density is the Gaussian one, summed over dimensions
-    mean, std = tr.stepper.mean_std(tr.policy.score_fn(None), b.xs[0], b.grid.s[0], b.grid.s[1])
+    mean, std = tr.transition.mean_std(tr.policy.score_fn(None), b.xs[0], b.grid.s[0], b.grid.s[1])
     ref = torch.distributions.Normal(mean, std[:, None] if mean.ndim > 1 else std).log_prob(b.xs[1])
     assert torch.allclose(b.log_probs[0], ref.reshape(64, -1).sum(1), atol=1e-12)
 
@@ -85,14 +88,14 @@ def test_kl_of_pretrained_policy_is_zero(tmp_path):
 def test_bad_config_key_names_the_key():
     with pytest.raises(KeyError, match="unknown config key 'lrr'"):
         make_config("gauss1d-linear", "ctpo", "ci", 0, {"lrr": "1e-3"})
-    with pytest.raises(ValueError, match="unknown algorithm"):
+    with pytest.raises(ValueError, match="algo must be one of ctpo"):
         make_config("gauss1d-linear", "ppo", "ci", 0)
 
 
 def test_deterministic_sampler_needs_exploration():
-    from sacode.sde import VPSDE
+    from sacode.dynamics.sde import VPSDE
     with pytest.raises(ValueError, match="explore"):
-        StepModel(VPSDE(), "pf-heun", 0.0, 0.0)
+        Transition(VPSDE(), "pf-heun", 0.0, 0.0)
 
 
 def test_cli_train_and_resume(tmp_path):

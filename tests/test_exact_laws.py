@@ -1,4 +1,4 @@
-"""Exact terminal laws of the continuous-time reverse dynamics (sacode.exact_laws).
+"""Exact terminal laws of the continuous-time reverse dynamics (sacode.theory.exact_laws).
 
 Three independent oracles:
 1. the moment ODEs of the linear reverse dynamics, integrated by scipy (no sacode code involved): with
@@ -20,10 +20,11 @@ import torch
 from scipy.integrate import solve_ivp
 
 from conftest import f64
-from sacode.data import Gaussian
-from sacode.exact_laws import pf_ode_terminal_law, reverse_sde_terminal_law
-from sacode.samplers import TimeGrid, propagate_gaussian
-from sacode.sde import OUSDE, VESDE, VPSDE
+from sacode.theory.data import Gaussian
+from sacode.theory.exact_laws import pf_ode_terminal_law, reverse_sde_terminal_law
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.samplers import propagate_gaussian
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
 
 SDES = {"vp-short": VPSDE(0.1, 2.0), "vp": VPSDE(0.1, 20.0), "ve": VESDE(0.05, 3.0), "ou": OUSDE(0.7, 0.5, 2.0)}
 DATA = Gaussian([0.5, -1.0], [[0.64, 0.3], [0.3, 0.5]])

@@ -1,4 +1,4 @@
-"""The Girsanov path KL (sacode.kl): the eta factor, trajectory estimators, per-step transition KLs, their limits,
+"""The Girsanov path KL (sacode.theory.kl): the eta factor, trajectory estimators, per-step transition KLs, their limits,
 the Gaussian KL, torchsde's logqp, and the closed forms of the gauss1d-linear optimal control.
 
 Oracles: the analytic path KL w^2 s0^4 (a_e^2 - a_T^2)/(2 beta^2 D_e D_T), torch.distributions.kl_divergence,
@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import f64, make_gen
-from sacode.control import ScoreActionPolicy, ScoreControlProblem
-from sacode.kl import (discrete_path_kl, eta_factor, gaussian_kl, path_kl_from_trajectory, path_kl_rate,
+from sacode.theory.control import ScoreActionPolicy, ScoreControlProblem
+from sacode.theory.kl import (discrete_path_kl, eta_factor, gaussian_kl, path_kl_from_trajectory, path_kl_rate,
                        per_step_kl, shift_path_kl, shift_per_step_kl, torchsde_path_kl)
-from sacode.samplers import TimeGrid, reverse_sde_sample
-from sacode.kl import GaussianLinearExample
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.samplers import reverse_sde_sample
+from sacode.theory.kl import GaussianLinearExample
 
 TOY = GaussianLinearExample.from_preset("gauss1d-linear")
 SDE = TOY.sde
@@ -124,11 +125,11 @@ def test_torchsde_logqp_equals_em_riemann_sum():
 
 
 def test_shift_matches_optimal_module_if_present():
-    optimal = pytest.importorskip("sacode.optimal")
-    from sacode.presets import toy_preset
+    optimal = pytest.importorskip("sacode.theory.optimal")
+    from sacode.theory.presets import toy_preset
 
     if not hasattr(optimal, "optimal_control"):
-        pytest.skip("sacode.optimal has no optimal_control")
+        pytest.skip("sacode.theory.optimal has no optimal_control")
     preset = toy_preset("gauss1d-linear")
     x = f64([-1.0, 0.0, 2.0])
     for t in [0.1, 0.5, 0.95]:

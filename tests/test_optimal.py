@@ -1,7 +1,7 @@
-"""Optimal fine-tuning in closed form (sacode.optimal): Cole-Hopf value, optimal score, tilted and terminal laws, J*.
+"""Optimal fine-tuning in closed form (sacode.theory.optimal): Cole-Hopf value, optimal score, tilted and terminal laws, J*.
 
 Oracles: scipy quadrature of the defining integrals (h = E[e^{r/beta} | X_t = x], Z = E e^{r/beta}), the
-theory-notes closed forms (section 6.2, 6.4) re-derived in chapter 5, sacode.exact_laws / propagate_gaussian (the
+theory-notes closed forms (section 6.2, 6.4) re-derived in chapter 5, sacode.theory.exact_laws / propagate_gaussian (the
 exact law of the discrete sampler for affine scores), and Monte Carlo with Z standard errors plus an exactly
 computed discretisation bias.
 """
@@ -14,13 +14,14 @@ import torch
 from scipy.integrate import quad
 
 from conftest import Z, f64, make_gen
-from sacode import optimal as O
-from sacode.data import Gaussian, ring_mixture
-from sacode.exact_laws import reverse_sde_terminal_law
-from sacode.presets import TOY_PRESETS, ToyPreset, toy_preset
-from sacode.rewards import LinearReward, QuadraticReward
-from sacode.samplers import TimeGrid, propagate_gaussian, reverse_sde_sample
-from sacode.sde import VPSDE
+from sacode.theory import optimal as O
+from sacode.theory.data import Gaussian, ring_mixture
+from sacode.theory.exact_laws import reverse_sde_terminal_law
+from sacode.theory.presets import TOY_PRESETS, ToyPreset, toy_preset
+from sacode.theory.rewards import LinearReward, QuadraticReward
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.samplers import propagate_gaussian, reverse_sde_sample
+from sacode.dynamics.sde import VPSDE
 
 GAUSS = [p for p in TOY_PRESETS if p.startswith("gauss1d")]
 EPS = torch.finfo(torch.float64).eps

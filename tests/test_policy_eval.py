@@ -1,4 +1,4 @@
-"""Tests of sacode.affine_policy and sacode.policy_eval (chapter 6): closed forms, exactness, estimator means."""
+"""Tests of sacode.theory.affine_policy and sacode.theory.policy_eval (chapter 6): closed forms, exactness, estimator means."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from conftest import Z, f64, make_gen
-from sacode import optimal as opt
-from sacode import policy_eval as pe
-from sacode.affine_policy import AffineScoreFamily, HatBasis, reward_coefficients
-from sacode.exact_laws import reverse_sde_terminal_law
-from sacode.presets import toy_preset
-from sacode.rewards import QuadraticReward
-from sacode.samplers import TimeGrid, propagate_gaussian, reverse_sde_sample
+from sacode.theory import optimal as opt
+from sacode.theory import policy_eval as pe
+from sacode.theory.affine_policy import AffineScoreFamily, HatBasis, reward_coefficients
+from sacode.theory.exact_laws import reverse_sde_terminal_law
+from sacode.theory.presets import toy_preset
+from sacode.theory.rewards import QuadraticReward
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.samplers import propagate_gaussian, reverse_sde_sample
 
 THETA = np.array([0.1, 0.3, 0.5, 1.0, 1.5, 0.0, 0.0, -0.2, -0.5, -1.0])
 
@@ -179,7 +180,7 @@ def test_optimality_gap_is_beta_times_path_kl():
     fam, p = family()
     ofam = pe.optimal_family(fam, p.reward, p.beta)
     d = np.r_[0.2 * np.ones(5), [0.0, -0.3, 0.1, 0.2, 0.4]]
-    Js = pe.optimal_objective(fam, p.reward, p.beta)
+    Js = pe.affine_optimal_objective(fam, p.reward, p.beta)
     J = pe.objective(ofam, d, p.reward, p.beta).objective
     assert Js - J == pytest.approx(p.beta * pe.path_kl(ofam, d, ofam.zeros()), abs=1e-8)
     assert Js - J > 0

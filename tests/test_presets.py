@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from sacode.presets import TOY_PRESETS, ToyPreset, toy_preset
-from sacode.sde import VPSDE
+from sacode.theory.presets import TOY_PRESETS, ToyPreset, toy_preset
+from sacode.dynamics.sde import VPSDE
 
 TABLE = {
     "gauss1d-linear": (20.0, "gauss", "linear", 0.5),

@@ -1,4 +1,4 @@
-"""Samplers (sacode.samplers): time grids, golden runs, step formulas, log-densities, shapes, exact laws, errors.
+"""Samplers (sacode.dynamics.samplers): time grids, golden runs, step formulas, log-densities, shapes, exact laws, errors.
 
 Oracles: an independent pure-Python re-implementation of every step for the 1-D VP/Gaussian case (math module
 only), the DDPM posterior written with alpha_bar, the Gaussian bridge q(x_{s'} | x_s, x_0) of a linear SDE
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import Z, f64, make_gen, mean_se
-from sacode.data import Gaussian, GaussianMixture
-from sacode.samplers import (METHODS, TimeGrid, ddim_step, em_step, gaussian_log_prob, get_step,
-                             propagate_gaussian, reverse_sde_sample)
-from sacode.sde import OUSDE, VESDE, VPSDE
+from sacode.theory.data import Gaussian, GaussianMixture
+from sacode.dynamics.grid import TimeGrid
+from sacode.dynamics.gaussian_step import gaussian_log_prob
+from sacode.dynamics.samplers import METHODS, ddim_step, em_step, get_step, propagate_gaussian, reverse_sde_sample
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
 
 SDE = VPSDE(0.1, 20.0)
 DATA = Gaussian.scalar(0.5, 0.8)
@@ -363,7 +364,7 @@ def test_non_finite_state_raises_naming_the_step(method):
 
 
 def test_pf_heun_with_eps_parametrised_score_to_s_zero():
-    from sacode.nets import ScoreMLP
+    from sacode.engine.nets import ScoreMLP
     torch.manual_seed(0)
     model = ScoreMLP(SDE, 1, hidden=8, depth=1).double()
     with torch.no_grad():

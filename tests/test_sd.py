@@ -18,18 +18,19 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from sacode.engine.algos import Transitions  # noqa: E402
-from sacode.engine.config import make_config  # noqa: E402
-from sacode.engine.rollout import StepModel, rollout  # noqa: E402
-from sacode.engine.trainer import Trainer  # noqa: E402
-from sacode.samplers import ddim_step  # noqa: E402
-from sacode.sd.env import SDEnv, adapters_disabled  # noqa: E402
-from sacode.sd.policy import LoRAScorePolicy  # noqa: E402
-from sacode.sd.prompts import PromptSampler  # noqa: E402
-from sacode.sd.rewards import (AestheticReward, JpegCompressibility, JpegIncompressibility,  # noqa: E402
+from sacode.runs import make_config  # noqa: E402
+from sacode.dynamics.transition import Transition
+from sacode.theory.control import rollout  # noqa: E402
+from sacode.runs import make_trainer  # noqa: E402
+from sacode.dynamics.samplers import ddim_step  # noqa: E402
+from sacode.envs.sd.env import SDEnv, adapters_disabled  # noqa: E402
+from sacode.envs.sd.policy import LoRAScorePolicy  # noqa: E402
+from sacode.envs.sd.prompts import PromptSampler  # noqa: E402
+from sacode.envs.sd.rewards import (AestheticReward, JpegCompressibility, JpegIncompressibility,  # noqa: E402
                                MissingRewardWeights, make_reward)
-from sacode.sd.schedule import ScheduleSDE, scheduler_grid, scheduler_timesteps  # noqa: E402
-from sacode.sd.task import load_pipeline, resolve_model  # noqa: E402
-from sacode.sd.tiny import tiny_pipeline_path  # noqa: E402
+from sacode.envs.sd.schedule import ScheduleSDE, scheduler_grid, scheduler_timesteps  # noqa: E402
+from sacode.envs.sd.task import load_pipeline, resolve_model  # noqa: E402
+from sacode.envs.sd.tiny import tiny_pipeline_path  # noqa: E402
 
 from sacode.verify import Z  # noqa: E402
 
@@ -119,7 +120,7 @@ def test_rollout_reproduces_the_diffusers_pipeline(env64, policy64):
         for name, p in policy64.named_parameters():
             if "lora_B" in name:
                 p.zero_()
-    b = rollout(env64, policy64, env64.time_grid(K), StepModel(env64.sde, "ddim", 1.0), n,
+    b = rollout(env64, policy64, env64.time_grid(K), Transition(env64.sde, "ddim", 1.0), n,
                 torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     lat = torch.randn((n, *env64.event_shape), generator=g, dtype=torch.float64)
@@ -132,14 +133,14 @@ def test_rollout_reproduces_the_diffusers_pipeline(env64, policy64):
 
 def test_recomputed_log_prob_equals_stored_and_pretrained_is_adapter_off(env64, policy64):
     perturb_lora(policy64)
-    grid, stepper = env64.time_grid(4), StepModel(env64.sde, "ddim", 1.0)
-    b = rollout(env64, policy64, grid, stepper, 4, torch.Generator().manual_seed(1))
+    grid, transition = env64.time_grid(4), Transition(env64.sde, "ddim", 1.0)
+    b = rollout(env64, policy64, grid, transition, 4, torch.Generator().manual_seed(1))
     assert (b.kl_steps > 0).all()
     tr = Transitions.from_rollout(b)
     perm = torch.randperm(tr.i.numel(), generator=torch.Generator().manual_seed(2))    # other batch compositions
     for idx in perm.split(5):
-        prompts = [b.cond[int(i)] for i in tr.i[idx]]
-        lp = stepper.log_prob(lambda s, x: policy64(s, x, prompts), tr.x[idx], tr.x_next[idx], tr.s_cur[idx],
+        prompts = b.cond.index(tr.i[idx])
+        lp = transition.log_prob(lambda s, x: policy64(s, x, prompts), tr.x[idx], tr.x_next[idx], tr.s_cur[idx],
                               tr.s_next[idx])
         # float64 rounding of the UNet (~1e-15 relative), amplified by 1/c_k^2 at the smallest transition std
         tol = 1e3 * EPS64 * tr.x[0].numel() / float(tr.std.min()) ** 2
@@ -182,7 +183,7 @@ def _lora(tr):
 @pytest.mark.parametrize("algo", ["ctpo", "ddpo"])
 def test_short_run_changes_lora_and_raises_compressibility(tmp_path, algo):
     cfg = make_config("sd-tiny-compressibility", algo, "class", 0, RUN | {"eval_every": "0"})
-    tr = Trainer(cfg, tmp_path)
+    tr = make_trainer(cfg, tmp_path)
     before = _lora(tr).clone()
     with adapters_disabled(tr.env.unet):
         r0 = tr.evaluate(n=32, seed=7).rewards.double()
@@ -197,10 +198,10 @@ def test_short_run_changes_lora_and_raises_compressibility(tmp_path, algo):
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     cfg = make_config("sd-tiny-compressibility", "ctpo", "ci", 3, RUN | {"iterations": "4", "checkpoint_every": "2"})
-    a = Trainer(cfg, tmp_path / "a")
+    a = make_trainer(cfg, tmp_path / "a")
     a.run()
-    Trainer(cfg.replace(iterations=2), tmp_path / "b").run()
-    c = Trainer(cfg, tmp_path / "b")
+    make_trainer(cfg.replace(iterations=2), tmp_path / "b").run()
+    c = make_trainer(cfg, tmp_path / "b")
     c.load()
     c.run()
     assert torch.equal(_lora(a), _lora(c))
@@ -209,7 +210,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert strip(tmp_path / "a") == strip(tmp_path / "b")
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert all("lora_" in k for k in ck["policy"])                          # LoRA only, not the UNet
-    from sacode.sd.report import export_run
+    from sacode.envs.sd.report import export_run
     res = json.loads(export_run(tmp_path / "b", tmp_path / "fig").read_text())
     assert res["algo"] == "ctpo" and len(res["curves"]) == 4 and res["summary"]["reward_name"] == "compressibility"
 
@@ -228,10 +229,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                       GLOO_SOCKET_IFNAME="lo")
     AcceleratorState._reset_state(reset_partial_state=True)       # forget the parent's single-process state
     cfg = make_config("sd-tiny-compressibility", "ctpo", "ci", 0, RUN | {"iterations": "2"})
-    tr = Trainer(cfg, out)
+    tr = make_trainer(cfg, out)
     assert tr.world == world and tr.rank == rank
     init = _lora(tr).clone()
-    first = rollout(tr.env, tr.policy, tr.env.time_grid(cfg.K), tr.stepper, 2, torch.Generator().manual_seed(rank))
+    first = rollout(tr.env, tr.policy, tr.env.time_grid(cfg.K), tr.transition, 2, torch.Generator().manual_seed(rank))
     tr.run()
     torch.save({"lora": _lora(tr), "init": init, "value": [p.detach() for p in tr.algo.value.parameters()],
                 "x": first.xs[-1]}, os.path.join(out, f"params-{rank}.pt"))
@@ -268,7 +269,7 @@ def test_jpeg_rewards_order_smooth_and_noisy_images():
 def test_aesthetic_reward_from_local_files(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from sacode.sd.rewards import AestheticMLP, clip_preprocess
+    from sacode.envs.sd.rewards import AestheticMLP, clip_preprocess
     torch.manual_seed(0)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
                                                           intermediate_size=64, num_hidden_layers=2,
@@ -336,7 +337,7 @@ def test_benchmark_refuses_without_cuda():
 @pytest.mark.gpu
 def test_gpu_tiny_run_bf16_and_lora_export(tmp_path):
     cfg = make_config("sd-tiny-compressibility", "ctpo", "ci", 0, RUN | {"export_lora": "true", "amp": "bf16"})
-    tr = Trainer(cfg, tmp_path)
+    tr = make_trainer(cfg, tmp_path)
     assert tr.env.device.type == "cuda" and tr.env.amp == "bf16"
     s = tr.run()
     assert math.isfinite(s["reward"]) and (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

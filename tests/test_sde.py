@@ -1,4 +1,4 @@
-"""Forward SDEs (sacode.sde): closed-form marginals, coefficients, shapes and the reverse-time eta family.
+"""Forward SDEs (sacode.dynamics.sde): closed-form marginals, coefficients, shapes and the reverse-time eta family.
 
 Oracles: the moment ODEs of a linear SDE dX = f(s) X ds + g(s) dW,
 
@@ -17,8 +17,8 @@ import torch
 from scipy.integrate import quad, solve_ivp
 
 from conftest import f64, make_gen
-from sacode.sde import OUSDE, VESDE, VPSDE, ReverseSDE
-from sacode.time import diffusion_time, rl_time
+from sacode.dynamics.sde import OUSDE, VESDE, VPSDE, ReverseSDE
+from sacode.dynamics.time import diffusion_time, rl_time
 
 SDES = {
     "vp": VPSDE(0.1, 20.0, 1.0),
@@ -219,7 +219,7 @@ def test_reverse_sde_object_uses_rl_time(eta):
 def test_reverse_sde_integrates_with_torchsde():
     """The ReverseSDE protocol works with torchsde (shape contract only; accuracy is a verify check)."""
     torchsde = pytest.importorskip("torchsde")
-    from sacode.data import Gaussian
+    from sacode.theory.data import Gaussian
     sde = VPSDE(0.1, 2.0)
     data = Gaussian([0.5, -0.2], [[0.6, 0.1], [0.1, 0.3]])
     y0 = sde.prior_sample((8, 2), make_gen(6))

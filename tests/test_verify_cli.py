@@ -68,7 +68,7 @@ def test_verify_unknown_check_fails_with_message():
 
 
 def test_sacode_without_command_prints_usage(capsys):
-    from sacode.__main__ import main
+    from sacode.cli import main
     assert main([]) != 0
     assert "usage: python -m sacode" in capsys.readouterr().err
     assert main(["--help"]) == 0

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.config import make_config
-from ..engine.rollout import StepModel, rollout
-from ..engine.trainer import Trainer, grid_end
-from ..samplers import TimeGrid
+from ..dynamics.transition import Transition
+from ..engine.trainer import Trainer, evaluation_grid
+from ..envs.digits.data import decode_images, encode_images  # noqa: F401  (decode_images: for readers of the JSON)
+from ..runs import make_config, make_trainer
+from ..theory.control import rollout
+from ..theory.estimate import mean_se
 
 PRESET = "digits-class3"
 ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
@@ -50,7 +52,7 @@ def trained(preset: str, algo: str, seed: int, profile: str, cache: Path, overri
     out = Path(cache) / _key(preset, algo, seed, profile, overrides)
     if not ((out / "summary.json").exists() and (out / "checkpoint.pt").exists()):
         cfg = make_config(preset, algo, profile, seed, overrides)
-        tr = Trainer(cfg, out)
+        tr = make_trainer(cfg, out)
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()         # an interrupted run starts over
         tr.run()
@@ -64,21 +66,9 @@ def trained(preset: str, algo: str, seed: int, profile: str, cache: Path, overri
 def load_trainer(run: dict) -> Trainer:
     s = run["summary"]
     cfg = make_config(s["preset"], s["algo"], run["profile"], s["seed"], run["overrides"])
-    tr = Trainer(cfg, run["dir"])
+    tr = make_trainer(cfg, run["dir"])
     tr.load()
     return tr
-
-
-def encode_images(x: torch.Tensor) -> list[str]:
-    """Images (n, 1, 8, 8) in [-1, 1] -> one hex string of 64 grey levels (0..255) per image (compact JSON)."""
-    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).reshape(x.shape[0], 64).numpy()
-    return [row.tobytes().hex() for row in u8]
-
-
-def decode_images(codes: list[str]) -> torch.Tensor:
-    """The inverse of :func:`encode_images` (to 1/255 of the grey range): images (n, 1, 8, 8) in [-1, 1]."""
-    a = np.stack([np.frombuffer(bytes.fromhex(c), dtype=np.uint8) for c in codes]).astype(np.float32)
-    return torch.from_numpy(a / 127.5 - 1.0).reshape(-1, 1, 8, 8)
 
 
 def _images(run: dict) -> list:
@@ -89,20 +79,19 @@ def _images(run: dict) -> list:
 def evaluate_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
     """Reward, path KL, J and sample quality of a trained policy on a K-step uniform grid of ``method``."""
     cfg = tr.cfg.replace(K=K, method=method, s_end=None)
-    grid = TimeGrid.uniform(tr.env.sde.T, K, grid_end(cfg, tr.env.sde.T))
-    b = rollout(tr.env, tr.policy, grid, StepModel(tr.env.sde, method, cfg.eta), n, torch.Generator().manual_seed(seed))
+    b = rollout(tr.env, tr.policy, evaluation_grid(cfg, tr.env), Transition(tr.env.sde, method, cfg.eta), n,
+                torch.Generator().manual_seed(seed))
     m = tr.task.image_metrics(b.xs[-1])
-    J = b.rewards.double() - tr.algo.beta * b.kl_path.double()
+    J = mean_se(b.rewards.double() - tr.algo.beta * b.kl_path.double())
     return {"K": K, "method": method, "reward": float(b.rewards.mean()), "kl_path": float(b.kl_path.mean()),
-            "J": float(J.mean()), "J_se": float(J.std() / math.sqrt(n)), "sample_quality": m["sample_quality"],
+            "J": J.mean, "J_se": J.se, "sample_quality": m["sample_quality"],
             "fd_target_class": m.get("fd_target_class"), "target_fraction": m.get("target_fraction")}
 
 
 @torch.no_grad()
 def pretrained_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
     cfg = tr.cfg.replace(K=K, method=method, s_end=None)
-    grid = TimeGrid.uniform(tr.env.sde.T, K, grid_end(cfg, tr.env.sde.T))
-    b = tr.task.pretrained_rollout(n, grid, StepModel(tr.env.sde, method, cfg.eta), seed)
+    b = tr.task.pretrained_rollout(n, evaluation_grid(cfg, tr.env), Transition(tr.env.sde, method, cfg.eta), seed)
     m = tr.task.image_metrics(b.xs[-1])
     r = b.rewards.double()
     beta = tr.algo.beta
@@ -122,7 +111,7 @@ def _n_eval(profile: str) -> int:
 
 
 def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
-    from ..digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
+    from ..envs.digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
 
     preset = (presets or [PRESET])[0]
     algos = algos or ALGOS
@@ -181,8 +170,7 @@ def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> 
                 grids.append({"algo": "pretrained", "seed": 0} | pretrained_on_grid(tr0, K, method, n_eval))
         res["train_K"] = tr0.cfg.K
         res["pretrained_images"] = encode_images(
-            tr0.task.pretrained_rollout(N_IMAGES, TimeGrid.uniform(tr0.env.sde.T, tr0.cfg.K, grid_end(tr0.cfg, 1.0)),
-                                        tr0.stepper, EVAL_SEED).xs[-1])
+            tr0.task.pretrained_rollout(N_IMAGES, evaluation_grid(tr0.cfg, tr0.env), tr0.transition, EVAL_SEED).xs[-1])
     res["time_grids"] = grids
     res["images_format"] = "hex strings of 64 uint8 grey levels, x = v/127.5 - 1; decode with decode_images"
     res["table"] = _table(res)
@@ -256,7 +244,7 @@ def _plot_samples(res: dict, path: Path) -> None:
     """Sample grids (same noise): pretrained, each algorithm at beta = 1, and the beta = 0 (reward-hacking) runs."""
     from matplotlib.figure import Figure
 
-    from ..digits.plots import show_grid
+    from ..envs.digits.plots import show_grid
     panels = [("pretrained", res["pretrained_images"])] if res.get("pretrained_images") else []
     panels += [(f"{r['algo']} (β = {r['beta']:g})", r["images"]) for r in res["algorithms"]]
     panels += [(f"{r['algo']} (β = 0)", r["images"]) for r in res["beta_sweep"] if r["beta"] == 0]

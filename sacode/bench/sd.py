@@ -45,7 +45,7 @@ def build_sd15_random(device: str = "cuda", dtype: torch.dtype = torch.bfloat16)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..sd.tiny import byte_clip_tokenizer
+    from ..envs.sd.tiny import byte_clip_tokenizer
 
     tokenizer, vocab = byte_clip_tokenizer(77)
     with torch.device(device):
@@ -79,14 +79,15 @@ def _timed_cpu(fn):
 def measure(env, policy, K: int, n: int, algos: list[str], timed=_timed_cuda) -> dict:
     """Sampling throughput (policy only; training rollout with the pretrained score), and one ctpo / ddpo update
     with the sd15 ``full`` settings (micro-batches of 4), on ``env`` (any device; ``timed`` measures)."""
+    from ..dynamics.samplers import reverse_sde_sample
+    from ..dynamics.transition import Transition
     from ..engine.algos import make_algorithm
-    from ..engine.config import make_config
-    from ..engine.rollout import StepModel, rollout
-    from ..samplers import reverse_sde_sample
+    from ..runs import make_config
+    from ..theory.control import rollout
 
     rows: dict = {}
     grid = env.time_grid(K)
-    stepper = StepModel(env.sde, "ddim", 1.0)
+    stepper = Transition(env.sde, "ddim", 1.0)
     gen = torch.Generator(device=env.device).manual_seed(0)         # noise drawn where the latents live
     prompts = env.sample_conditions(n, gen)
     with torch.no_grad():
@@ -109,10 +110,10 @@ def measure(env, policy, K: int, n: int, algos: list[str], timed=_timed_cuda) ->
 def sd_throughput(profile: str = "class", seeds: int = 1, presets=None, algos=None, cache: Path | None = None,
                   out: Path | None = None) -> dict:
     require_cuda()
-    from ..sd.env import SDEnv
-    from ..sd.policy import LoRAScorePolicy
-    from ..sd.prompts import PromptSampler
-    from ..sd.rewards import JpegCompressibility
+    from ..envs.sd.env import SDEnv
+    from ..envs.sd.policy import LoRAScorePolicy
+    from ..envs.sd.prompts import PromptSampler
+    from ..envs.sd.rewards import JpegCompressibility
 
     st = SETTINGS[profile]
     algos = algos or ["ctpo", "ddpo"]

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -18,16 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import optimal
-from ..engine.config import make_config
-from ..engine.policy import ScorePolicy
-from ..engine.rollout import StepModel, rollout
-from ..engine.trainer import Trainer, grid_end
-from ..presets import TOY_PRESETS, toy_preset
-from ..samplers import TimeGrid, reverse_sde_sample
+from ..dynamics.grid import TimeGrid, default_s_end
+from ..dynamics.transition import Transition
+from ..engine.evaluation import EVAL_SEED, evaluate, evaluate_deterministic
+from ..engine.policy import FixedScorePolicy
+from ..engine.trainer import Trainer, evaluation_grid
+from ..envs.toys import ToyEnv
+from ..runs import make_config, make_trainer
+from ..theory import optimal
+from ..theory.discrete_optimum import discrete_optimum
+from ..theory.exploratory_optimum import exploratory_optimum
+from ..theory.presets import TOY_PRESETS, toy_preset
 
 ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
-EVAL_SEED = 12345
 LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 TUNE_PRESETS = ["gauss1d-linear", "mixture2d-linear"]
 TUNE_SEED = 100                      # tuning runs use their own seed, never one of the reported seeds
@@ -58,72 +60,37 @@ def tuned_lr(algo: str, profile: str, cache: Path, lrs: list[float] | None = Non
     return res
 
 
-class FixedScorePolicy(ScorePolicy):
-    """A non-trainable policy from a score function (e.g. the closed-form optimal score)."""
-
-    def __init__(self, score_fn):
-        super().__init__()
-        self.fn = score_fn
-
-    def forward(self, s, x, cond=None):
-        return self.fn(s, x)
-
-
 def _n_eval(profile: str) -> int:
     return {"ci": 512, "class": 4000, "full": 20000}[profile]
 
 
-def evaluate(env, policy, grid: TimeGrid, stepper: StepModel, n: int, target_mean: torch.Tensor,
-             beta: float, seed: int = EVAL_SEED) -> dict:
+def _record(env, policy, grid: TimeGrid, transition: Transition, n: int, target_mean: torch.Tensor,
+            beta: float, seed: int = EVAL_SEED) -> dict:
     """Terminal-mean error, J = E r - beta KL (with its standard error), reward and path KL of a policy."""
-    b = rollout(env, policy, grid, stepper, n, torch.Generator().manual_seed(seed))
-    x = b.xs[-1].reshape(n, -1)
-    J = b.rewards - beta * b.kl_path
-    return {"err_mean": float((x.mean(0) - target_mean.reshape(-1)).norm()),
-            "se_mean": float(x.std(0).max() / math.sqrt(n)),
-            "J": float(J.mean()), "J_se": float(J.std() / math.sqrt(n)),
-            "reward": float(b.rewards.mean()), "kl": float(b.kl_path.mean()),
-            "mean": x.mean(0).tolist()}
-
-
-@torch.no_grad()
-def evaluate_deterministic(env, policy, grid: TimeGrid, method: str, eta: float, n: int,
-                           target_mean: torch.Tensor, seed: int = EVAL_SEED) -> dict:
-    """Evaluation through a sampler without a transition density (DDIM eta=0, Heun): reward and mean error only."""
-    gen = torch.Generator().manual_seed(seed)
-    x = reverse_sde_sample(env.sde, policy.score_fn(None), env.sample_init(n, gen), grid, method, eta,
-                           generator=gen).x
-    r = env.reward(x, None)
-    xf = x.reshape(n, -1)
-    return {"err_mean": float((xf.mean(0) - target_mean.reshape(-1)).norm()), "reward": float(r.mean()),
-            "J": None, "kl": None, "mean": xf.mean(0).tolist()}
+    return evaluate(env, policy, grid, transition, n, beta, seed).record(target_mean)
 
 
 def tolerance(preset, K: int, n: int) -> dict:
     """The target and tolerance of 'converged' for runs trained on a K-step uniform Euler-Maruyama grid.
 
     An algorithm trained on K steps optimises the K-step objective, so the target is the K-step optimum:
-    exact for the Gaussian presets (dynamic programming, :mod:`sacode.discrete_optimum`), and for the mixture the
+    exact for the Gaussian presets (dynamic programming, :mod:`sacode.theory.discrete_optimum`), and for the mixture the
     continuous optimum with a floor: the error of the exact optimal control run on the same grid (measured with the
     evaluation's n samples). Converged: |E x_T - target mean| <= 0.1 |target - pretrained| + floor + 3 SE and
     |J - J_target| <= 0.1 |J_target - J_pre| + floor + 3 SE.
     """
-    from ..engine.env import ToyEnv
-
     law, obj = optimal.optimal_terminal_law(preset), optimal.optimal_objective(preset)
     pre = optimal.pretrained_terminal_law(preset)
     grid = TimeGrid.uniform(preset.sde.T, K)
     if preset.data.K == 1:
-        from ..discrete_optimum import discrete_optimum
         d = discrete_optimum(preset, grid)
         target_mean, J_target, floor_m, floor_J = torch.tensor([float(d.mean)]), float(d.J), 0.0, 0.0
         se_m = math.sqrt(float(d.var) / n)
         se_J = None
         kind = f"exact {K}-step optimum"
     else:
-        stepper = StepModel(preset.sde, "em", 1.0)
-        ref = evaluate(ToyEnv(preset), FixedScorePolicy(optimal.optimal_score(preset)), grid, stepper, n, law.mean,
-                       preset.beta)
+        ref = _record(ToyEnv(preset), FixedScorePolicy(optimal.optimal_score(preset)), grid,
+                      Transition(preset.sde, "em", 1.0), n, law.mean, preset.beta)
         target_mean, J_target = law.mean, obj.J
         floor_m, floor_J, se_m, se_J = ref["err_mean"], abs(ref["J"] - obj.J), ref["se_mean"], ref["J_se"]
         kind = "continuous optimum + floor of the optimal control on the grid"
@@ -155,7 +122,7 @@ def trained_run(preset: str, algo: str, seed: int, profile: str, cache: Path, ov
     overrides = dict(overrides or {}) | {"progress": False}
     cfg = make_config(preset, algo, profile, seed, overrides)
     out = cache / _key(preset, algo, seed, profile, overrides)
-    tr = Trainer(cfg, out)
+    tr = make_trainer(cfg, out)
     curve_path = out / "curve.json"
     if curve_path.exists() and (out / "summary.json").exists():
         tr.load()
@@ -163,11 +130,11 @@ def trained_run(preset: str, algo: str, seed: int, profile: str, cache: Path, ov
     pr = tr.task.preset
     target = optimal.optimal_terminal_law(pr).mean
     n_eval = min(_n_eval(profile), 4000)
-    grid = TimeGrid.uniform(pr.sde.T, cfg.K, grid_end(cfg, pr.sde.T))
+    grid = evaluation_grid(cfg, tr.env)
     curve = []
 
     def point(t: Trainer):
-        ev = evaluate(t.env, t.policy, grid, t.stepper, n_eval, target, t.algo.beta)
+        ev = _record(t.env, t.policy, grid, t.transition, n_eval, target, t.algo.beta)
         curve.append({"iteration": t.iteration, "samples_used": t.samples_used, "wall_s": t.wall} | ev)
 
     point(tr)
@@ -299,25 +266,25 @@ def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: P
             entries[algo] = [trained_run(name, algo, seed, profile, cache, {"lr": lr})[0].policy
                              for seed in range(seeds)]
         for label, pols in entries.items():
-            from ..engine.env import ToyEnv
             env = ToyEnv(pr)
             res: dict[str, list] = {}
             for pol in pols:
                 for K in EVAL_KS:
-                    ev = evaluate(env, pol, TimeGrid.uniform(pr.sde.T, K), StepModel(pr.sde, "em", 1.0), n_eval,
-                                  target, pr.beta)
+                    ev = _record(env, pol, TimeGrid.uniform(pr.sde.T, K), Transition(pr.sde, "em", 1.0), n_eval,
+                                 target, pr.beta)
                     res.setdefault(f"em-K{K}", []).append(ev)
-                ev = evaluate(env, pol, TimeGrid.power(pr.sde.T, 20), StepModel(pr.sde, "em", 1.0), n_eval, target,
-                              pr.beta)
+                ev = _record(env, pol, TimeGrid.power(pr.sde.T, 20), Transition(pr.sde, "em", 1.0), n_eval, target,
+                             pr.beta)
                 res.setdefault("em-power-K20", []).append(ev)
                 for eta in (0.5, 1.0):
-                    ev = evaluate(env, pol, TimeGrid.uniform(pr.sde.T, 20, 1e-3 * pr.sde.T),
-                                  StepModel(pr.sde, "ddim", eta), n_eval, target, pr.beta)
+                    ev = _record(env, pol, TimeGrid.uniform(pr.sde.T, 20, default_s_end("ddim", pr.sde.T)),
+                                 Transition(pr.sde, "ddim", eta), n_eval, target, pr.beta)
                     res.setdefault(f"ddim{eta:g}-K20", []).append(ev)
                 res.setdefault("ddim0-K20", []).append(evaluate_deterministic(
-                    env, pol, TimeGrid.uniform(pr.sde.T, 20, 1e-3 * pr.sde.T), "ddim", 0.0, n_eval, target))
+                    env, pol, TimeGrid.uniform(pr.sde.T, 20, default_s_end("ddim", pr.sde.T)), "ddim", 0.0,
+                    n_eval).record(target))
                 res.setdefault("pf-heun-K20", []).append(evaluate_deterministic(
-                    env, pol, TimeGrid.uniform(pr.sde.T, 20), "pf-heun", 0.0, n_eval, target))
+                    env, pol, TimeGrid.uniform(pr.sde.T, 20), "pf-heun", 0.0, n_eval).record(target))
             agg = {k: {"err_mean": float(np.mean([e["err_mean"] for e in v])),
                        "reward": float(np.mean([e["reward"] for e in v])),
                        "J": None if v[0]["J"] is None else float(np.mean([e["J"] for e in v]))}
@@ -380,7 +347,7 @@ def _plot_discretization(rows, presets, path: Path):
 
 def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
     """Fine-tune through the PF-ODE (Heun) with exploration sigma_e, against the exploratory problem's optimum."""
-    from .deterministic_target import exploratory_optimum
+    from ..theory.exploratory_optimum import exploratory_optimum
 
     presets = presets or ["gauss1d-linear", "gauss1d-linear-short"]
     algos = algos or ["ctpo", "ddpo"]
@@ -396,8 +363,8 @@ def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Pa
                     tr, _ = trained_run(name, algo, seed, profile, cache,
                                         {"method": method, "eta": 0.0, "explore": explore,
                                          "lr": tuned_lr(algo, profile, cache, lrs)["lr"]})
-                    ev = evaluate(tr.env, tr.policy, TimeGrid.uniform(pr.sde.T, tr.cfg.K), tr.stepper,
-                                  _n_eval(profile), torch.tensor(target["mean"]), pr.beta)
+                    ev = _record(tr.env, tr.policy, TimeGrid.uniform(pr.sde.T, tr.cfg.K), tr.transition,
+                                 _n_eval(profile), torch.tensor(target["mean"]), pr.beta)
                     finals.append(ev)
                 rows.append({"preset": name, "algo": algo, "method": method, "explore": explore,
                              "err_mean": float(np.mean([f["err_mean"] for f in finals])),

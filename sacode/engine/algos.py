@@ -15,7 +15,7 @@
                    gradient truncated to the last ``bp_steps`` steps (reparameterised noise).
 =================  =========================================================================================
 
-All likelihood ratios use the transition log-density summed over dimensions (DESIGN.md decision 6). The
+All likelihood ratios use the transition log-density summed over dimensions (chapter 3). The
 option ``logprob_mean=True`` divides log-densities by the dimension as in DDPO's code (documented there as the
 reason for its tiny clip ranges).
 """
@@ -24,16 +24,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._shapes import expand_time, sum_event
-from ..samplers import gaussian_log_prob
-from .env import index_cond
-from .rollout import Rollout, StepModel, per_step_kl, randn_on
-from .value import make_value, skip_on_rollout, value_on_rollout
+from ..dynamics.gaussian_step import gaussian_log_prob, randn_on, transition_kl
+from ..dynamics.shapes import expand_time, sum_event
+from ..dynamics.transition import Transition
+from ..theory.conditions import Conditions
+from ..theory.control import Rollout
+from .value import ValueLearner, make_value, returns_to_go, skip_on_rollout, value_on_rollout
 
 
 @dataclass
@@ -101,8 +101,8 @@ class PerConditionStats:
         self.buffer, self.min_count = buffer, min_count
         self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer))
 
-    def __call__(self, values: Tensor, cond: Any) -> Tensor:
-        keys = _cond_keys(cond, values.shape[0])
+    def __call__(self, values: Tensor, cond: Conditions) -> Tensor:
+        keys = cond.keys()
         out = torch.empty_like(values)
         mean_all, std_all = values.mean(), values.std() + 1e-8
         for key in set(keys):
@@ -124,38 +124,27 @@ class PerConditionStats:
             self.history[k].extend(v)
 
 
-def _cond_keys(cond: Any, n: int) -> list[str]:
-    if cond is None:
-        return [""] * n
-    if isinstance(cond, Tensor):
-        return [str(c.tolist()) for c in cond]
-    if isinstance(cond, dict) and "prompts" in cond:
-        return [str(p) for p in cond["prompts"]]
-    if isinstance(cond, (list, tuple)):
-        return [str(c) for c in cond]
-    return [""] * n
-
-
 class Algorithm:
-    """Shared machinery: optimisers, PPO epochs over shuffled transitions, value regression, state."""
+    """Shared machinery: the policy optimiser (through accelerate when attached), PPO epochs over shuffled
+    transitions, and a :class:`~sacode.engine.value.ValueLearner` for the algorithms that use a value network."""
 
     name = "base"
     uses_value = False
     on_policy_rollouts = True
 
-    def __init__(self, env, policy: nn.Module, cfg, stepper: StepModel):
-        self.env, self.policy, self.cfg, self.stepper = env, policy, cfg, stepper
+    def __init__(self, env, policy: nn.Module, cfg, transition: Transition):
+        self.env, self.policy, self.cfg, self.transition = env, policy, cfg, transition
         self.beta = cfg.beta
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay > 0
                     else torch.optim.Adam(params, lr=cfg.lr))
         self.accelerator = None
         self.policy_train = policy          # what training passes call: the policy, or its DDP wrapper (attach)
-        self.value = None
+        self.value, self.value_learner = None, None
         if self.uses_value:
             self.value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
-            self.value_opt = torch.optim.Adam(self.value.parameters(), lr=cfg.value_lr)
-        self.value_train = self.value
+            self.value_learner = ValueLearner(self.value, cfg.value_lr, cfg.value_epochs,
+                                              cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm)
         self.stats = PerConditionStats()
 
     def attach(self, accelerator) -> None:
@@ -163,15 +152,15 @@ class Algorithm:
         DDP all-reduce of gradients. Rollouts keep calling the unwrapped modules (they need no gradients)."""
         self.accelerator = accelerator
         self.policy_train, self.opt = accelerator.prepare(self.policy, self.opt)
-        if self.value is not None:
-            self.value_train, self.value_opt = accelerator.prepare(self.value, self.value_opt)
+        if self.value_learner is not None:
+            self.value_learner.attach(accelerator)
 
     # ----- helpers -----------------------------------------------------------------------------
-    def _logp(self, tr: Transitions, idx: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
+    def _logp(self, tr: Transitions, idx: Tensor, cond: Conditions) -> tuple[Tensor, Tensor]:
         """Log-density of the stored x_{k+1} under the current policy, and the policy's step mean."""
-        c = index_cond(cond, tr.i[idx])
+        c = cond.index(tr.i[idx])
         pol = lambda s, x: self.policy_train(s, x, c)
-        mean, std = self.stepper.mean_std(pol, tr.x[idx], tr.s_cur[idx], tr.s_next[idx])
+        mean, std = self.transition.mean_std(pol, tr.x[idx], tr.s_cur[idx], tr.s_next[idx])
         lp = gaussian_log_prob(tr.x_next[idx], mean, std)
         if self.cfg.logprob_mean:
             lp = lp / tr.x[0].numel()
@@ -225,7 +214,7 @@ class Algorithm:
                 lp, mean = self._logp(tr, part, batch.cond)
                 loss, part_info = ppo_clip_loss(lp, logp_old[part], a[part], self.cfg.clip)
                 if extra_kl:
-                    loss = loss + self.beta * per_step_kl(mean, tr.pre_mean[part], tr.std[part]).mean()
+                    loss = loss + self.beta * transition_kl(mean, tr.pre_mean[part], tr.std[part]).mean()
                 w = part.numel() / idx.numel()
                 self._backward(loss * (w * batch.K if self.cfg.sum_steps else w), sync=j == len(parts) - 1)
                 for k, v in part_info.items():
@@ -236,51 +225,27 @@ class Algorithm:
         return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
 
     def fit_value(self, batch: Rollout, targets: Tensor, gen: torch.Generator, skip: Tensor | None = None) -> float:
-        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction).
-
-        ``skip`` (K+1, n): a structured value's r(x0_hat) at the rollout's states, computed once (skip_on_rollout)."""
-        K, n = batch.K, batch.n
-        t = batch.grid.t.to(batch.xs)[:-1].repeat_interleave(n)
-        x = batch.xs[:-1].reshape(K * n, *batch.xs.shape[2:])
-        y = targets[:-1].reshape(-1).to(x)
-        flat_skip = skip[:-1].reshape(-1) if skip is not None else None
-        mb = self.cfg.value_minibatch or self.cfg.minibatch
-        losses = []
-        for _ in range(self.cfg.value_epochs):
-            perm = torch.randperm(K * n, generator=gen)
-            for j in range(0, perm.numel(), mb):
-                idx = perm[j: j + mb]
-                kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
-                pred = self.value_train(t[idx], x[idx], index_cond(batch.cond, torch.arange(n).repeat(K)[idx]), **kw)
-                loss = ((pred - y[idx]) ** 2).mean()
-                self.value_opt.zero_grad(set_to_none=True)
-                self._backward(loss, self.value_train)
-                self._clip_step(self.value_opt, list(self.value.parameters()))
-                losses.append(float(loss.detach()))
-        return sum(losses) / max(len(losses), 1)
+        """Fit the value network on ``targets`` (K+1, n) (:meth:`ValueLearner.fit`)."""
+        return self.value_learner.fit(batch, targets, gen, skip)
 
     def returns_to_go(self, batch: Rollout, with_kl: bool = True) -> Tensor:
         """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R)."""
-        kl = batch.kl_steps if with_kl else torch.zeros_like(batch.kl_steps)
-        tail = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])
-        G = batch.rewards[None] - self.beta * tail
-        return torch.cat([G, batch.rewards[None]], 0)
+        return returns_to_go(batch, self.beta, with_kl)
 
     def update(self, batch: Rollout, gen: torch.Generator) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
 
     def state_dict(self) -> dict:
         d = {"opt": self.opt.state_dict(), "stats": self.stats.state_dict()}
-        if self.value is not None:
-            d |= {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict()}
+        if self.value_learner is not None:
+            d |= self.value_learner.state_dict()
         return d
 
     def load_state_dict(self, d: dict) -> None:
         self.opt.load_state_dict(d["opt"])
         self.stats.load_state_dict(d["stats"])
-        if self.value is not None:
-            self.value.load_state_dict(d["value"])
-            self.value_opt.load_state_dict(d["value_opt"])
+        if self.value_learner is not None:
+            self.value_learner.load_state_dict(d)
 
 
 class CTPO(Algorithm):
@@ -312,7 +277,7 @@ class CTPOPathwise(Algorithm):
         K, n = batch.K, batch.n
         t = batch.grid.t.to(batch.xs)[1:].repeat_interleave(n)
         x = batch.xs[1:].reshape(K * n, *batch.xs.shape[2:]).clone().requires_grad_(True)
-        cond = index_cond(batch.cond, torch.arange(n).repeat(K)) if batch.cond is not None else None
+        cond = batch.cond.repeat(K)
         v = self.value(t, x, cond)
         last = torch.arange(K * n) >= (K - 1) * n
         r = self.env.reward(x, cond)
@@ -330,7 +295,7 @@ class CTPOPathwise(Algorithm):
         for idx in self._minibatches(tr.i.numel(), gen):
             _, mean = self._logp(tr, idx, batch.cond)
             gain = sum_event(gv[idx] * mean)
-            kl = per_step_kl(mean, tr.pre_mean[idx], tr.std[idx])
+            kl = transition_kl(mean, tr.pre_mean[idx], tr.std[idx])
             loss = -(gain - self.beta * kl).mean()
             infos.append({"grad_norm": self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)})
         return {"grad_norm": sum(i["grad_norm"] for i in infos) / len(infos), "value_loss": vloss}
@@ -346,20 +311,13 @@ class DDPO(Algorithm):
         adv = self.per_condition(ret, batch.cond).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
         return self.ppo_update(batch, adv[None].expand(batch.K, -1), gen)
 
-    def per_condition(self, values: Tensor, cond: Any) -> Tensor:
+    def per_condition(self, values: Tensor, cond: Conditions) -> Tensor:
         """Per-condition normalisation over the samples of *all* processes when distributed (DDPO gathers them
         too), so every rank keeps the same statistics; each rank gets back its own slice."""
         acc = self.accelerator
         if acc is None or acc.num_processes == 1:
             return self.stats(values, cond)
-        from accelerate.utils import gather_object
-        all_v = acc.gather(values)
-        if isinstance(cond, Tensor):
-            all_c = acc.gather(cond)
-        elif isinstance(cond, (list, tuple)):
-            all_c = gather_object(list(cond))
-        else:
-            all_c = None
+        all_v, all_c = acc.gather(values), cond.gather(acc)
         n, r = values.shape[0], acc.process_index
         return self.stats(all_v, all_c)[r * n:(r + 1) * n]
 
@@ -402,10 +360,10 @@ class Backprop(Algorithm):
         for k in range(grid.K):
             s_c, s_n = grid.s[k], grid.s[k + 1]
             x_in = x if k >= first_grad else x.detach()
-            mean, std = self.stepper.mean_std(pol, x_in, s_c, s_n)
+            mean, std = self.transition.mean_std(pol, x_in, s_c, s_n)
             # the pretrained mean must see the same (differentiable) state: KL_k depends on x_k through both means
-            mean_pre, _ = self.stepper.mean_std(pre, x_in, s_c, s_n)
-            kl_total = kl_total + per_step_kl(mean, mean_pre, std)
+            mean_pre, _ = self.transition.mean_std(pre, x_in, s_c, s_n)
+            kl_total = kl_total + transition_kl(mean, mean_pre, std)
             z = randn_on(gen, x)
             x = mean + expand_time(std, x) * z
         return self.env.reward(x, cond) - self.beta * kl_total
@@ -414,7 +372,7 @@ class Backprop(Algorithm):
 ALGORITHMS = {c.name: c for c in (CTPO, CTPOPathwise, DDPO, DPOK, Backprop)}
 
 
-def make_algorithm(name: str, env, policy, cfg, stepper) -> Algorithm:
+def make_algorithm(name: str, env, policy, cfg, transition: Transition) -> Algorithm:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](env, policy, cfg, stepper)
+    return ALGORITHMS[name](env, policy, cfg, transition)

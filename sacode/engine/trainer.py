@@ -1,7 +1,9 @@
 """The training loop: rollouts -> algorithm updates, with metrics.jsonl, checkpoints and exact resume.
 
 All randomness after initialisation comes from one ``torch.Generator`` whose state is checkpointed, so
-``--resume DIR`` continues a run and yields the same result as an uninterrupted run with the same seed.
+``--resume DIR`` continues a run and yields the same result as an uninterrupted run with the same seed. The trainer
+is handed its task (:mod:`sacode.runs` builds one from a preset name); it knows nothing about toys, digits or
+Stable Diffusion.
 """
 from __future__ import annotations
 
@@ -13,28 +15,31 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..samplers import TimeGrid
+from ..dynamics.grid import TimeGrid, default_s_end
+from ..dynamics.transition import Transition
+from ..theory.control import Rollout, rollout
 from .algos import make_algorithm
 from .config import TrainConfig
-from .rollout import StepModel, rollout
-from .tasks import make_task
+from .task import Task
 
 CKPT = "checkpoint.pt"
 
 
 def grid_end(cfg: TrainConfig, T: float) -> float:
-    if cfg.s_end is not None:
-        return float(cfg.s_end)
-    return 1e-3 * T if cfg.method == "ddim" else 0.0
+    """The last diffusion time of the run's grids: ``cfg.s_end``, else the method's default (1e-3 T for ddim)."""
+    return float(cfg.s_end) if cfg.s_end is not None else default_s_end(cfg.method, T)
 
 
-def make_grid(cfg: TrainConfig, T: float, gen: torch.Generator, K: int | None = None, env=None) -> TimeGrid:
-    K, s_end = K or cfg.K, grid_end(cfg, T)
+def training_grid(cfg: TrainConfig, env, gen: torch.Generator, K: int | None = None) -> TimeGrid:
+    """The grid of one training iteration (``cfg.grid``; ``random`` draws a fresh one from ``gen``)."""
+    K, T = K or cfg.K, env.sde.T
+    s_end = grid_end(cfg, T)
     if cfg.grid == "native":                 # the environment's own grid, e.g. a diffusers scheduler's timesteps
-        if not hasattr(env, "time_grid"):
+        grid = env.time_grid(K)
+        if grid is None:
             raise ValueError("grid=native needs an environment with its own time grid (e.g. Stable Diffusion's "
                              "scheduler); use uniform, power or random")
-        return env.time_grid(K)
+        return grid
     if cfg.grid == "uniform":
         return TimeGrid.uniform(T, K, s_end)
     if cfg.grid == "power":
@@ -44,11 +49,19 @@ def make_grid(cfg: TrainConfig, T: float, gen: torch.Generator, K: int | None = 
     raise ValueError(f"unknown grid {cfg.grid!r}; use uniform, power, random or native")
 
 
-def make_accelerator(task):
-    """Hugging Face accelerate (DESIGN.md decision 10) for tasks that ask for it (a task attribute ``accelerate``
-    holding Accelerator keyword arguments) and for any run started by ``accelerate launch`` or torchrun
-    (WORLD_SIZE > 1); None otherwise, so single-process toy runs do not touch it."""
-    kw = getattr(task, "accelerate", None)
+def evaluation_grid(cfg: TrainConfig, env, K: int | None = None) -> TimeGrid:
+    """The grid evaluations use: the environment's own for ``grid=native``, else uniform with the run's s_end."""
+    K = K or cfg.K
+    if cfg.grid == "native":
+        return env.time_grid(K)
+    return TimeGrid.uniform(env.sde.T, K, grid_end(cfg, env.sde.T))
+
+
+def make_accelerator(task: Task):
+    """Hugging Face accelerate for tasks that ask for it (``task.accelerate`` holds Accelerator keyword arguments)
+    and for any run started by ``accelerate launch`` or torchrun (WORLD_SIZE > 1); None otherwise, so single-process
+    toy runs do not touch it."""
+    kw = task.accelerate
     if kw is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
@@ -60,15 +73,19 @@ RANK_SEED_STRIDE = 1_000_003     # rank r draws its rollouts from seed + 1 + r *
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: str | Path):
-        self.cfg, self.out = cfg, Path(out)
-        torch.manual_seed(cfg.seed)
-        self.task = make_task(cfg)
-        self.env = self.task.env
-        cfg = self.cfg = cfg.replace(beta=self.task.beta)
-        self.policy = self.task.make_policy(cfg)
-        self.stepper = StepModel(self.env.sde, cfg.method, cfg.eta, cfg.explore)
-        self.algo = make_algorithm(cfg.algo, self.env, self.policy, cfg, self.stepper)
+    """One fine-tuning run of ``task`` (its configuration is ``task.cfg``) writing into ``out``.
+
+    The policy and value networks are initialised from the global torch RNG: :func:`sacode.runs.make_trainer` seeds
+    it with the run's seed before it builds the task, so a run is reproducible from its configuration.
+    """
+
+    def __init__(self, task: Task, out: str | Path):
+        self.task, self.out = task, Path(out)
+        self.env = task.env
+        cfg = self.cfg = task.cfg.replace(beta=task.beta)
+        self.policy = task.make_policy(cfg)
+        self.transition = Transition(self.env.sde, cfg.method, cfg.eta, cfg.explore)
+        self.algo = make_algorithm(cfg.algo, self.env, self.policy, cfg, self.transition)
         self.accelerator = make_accelerator(self.task)
         self.rank, self.world = 0, 1
         if self.accelerator is not None:
@@ -86,16 +103,15 @@ class Trainer:
 
     # ----- persistence ---------------------------------------------------------------------------
     def save(self) -> None:
-        """checkpoint.pt (main process) and, when distributed, each other rank's generator in rng-rankR.pt. A policy
-        may define ``checkpoint_state()`` / ``load_checkpoint_state()`` (e.g. only its LoRA matrices)."""
+        """checkpoint.pt (main process) and, when distributed, each other rank's generator in rng-rankR.pt. The
+        policy stores what :meth:`ScorePolicy.checkpoint_state` returns (e.g. only its LoRA matrices)."""
         if self.world > 1:
             self.accelerator.wait_for_everyone()
             if not self.is_main:
                 torch.save(self.gen.get_state(), self.out / f"rng-rank{self.rank}.pt")
                 return
-        pol = self.policy.checkpoint_state() if hasattr(self.policy, "checkpoint_state") else self.policy.state_dict()
         torch.save({"iteration": self.iteration, "samples_used": self.samples_used, "wall": self.wall,
-                    "policy": pol, "algo": self.algo.state_dict(),
+                    "policy": self.policy.checkpoint_state(), "algo": self.algo.state_dict(),
                     "gen": self.gen.get_state(), "config": self.cfg.__dict__}, self.out / CKPT)
 
     def load(self) -> None:
@@ -103,10 +119,7 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}; start a new run without --resume")
         ck = torch.load(path, weights_only=False)
-        if hasattr(self.policy, "load_checkpoint_state"):
-            self.policy.load_checkpoint_state(ck["policy"])
-        else:
-            self.policy.load_state_dict(ck["policy"])
+        self.policy.load_checkpoint_state(ck["policy"])
         self.algo.load_state_dict(ck["algo"])
         self.gen.set_state(ck["gen"] if self.is_main else torch.load(self.out / f"rng-rank{self.rank}.pt"))
         self.iteration, self.samples_used, self.wall = ck["iteration"], ck["samples_used"], ck["wall"]
@@ -129,8 +142,8 @@ class Trainer:
         with open(self.out / ("metrics.jsonl" if self.is_main else os.devnull), "a") as mf:
             while self.iteration < cfg.iterations:
                 t0 = time.perf_counter()
-                grid = make_grid(cfg, self.env.sde.T, self.gen, env=self.env)
-                batch = rollout(self.env, self.policy, grid, self.stepper, cfg.batch, self.gen)
+                grid = training_grid(cfg, self.env, self.gen)
+                batch = rollout(self.env, self.policy, grid, self.transition, cfg.batch, self.gen)
                 info = self.algo.update(batch, self.gen)
                 self.iteration += 1
                 self.samples_used += batch.n * self.world
@@ -143,10 +156,8 @@ class Trainer:
                 if batch.xs[-1][0].numel() <= 1024:                # not for image latents
                     rec["terminal_mean"] = batch.xs[-1].reshape(batch.n, -1).mean(0).tolist()
                 rec |= info
-                if hasattr(self.task, "iteration_metrics"):      # optional task hook (e.g. image quality, diversity)
-                    rec |= self.task.iteration_metrics(batch)
-                if hasattr(self.task, "on_iteration"):           # optional task hook with the trainer (image grids,
-                    rec |= self.task.on_iteration(self, batch) or {}   # evaluations at other step counts)
+                rec |= self.task.iteration_metrics(batch)        # task hooks (no-ops by default): image quality,
+                rec |= self.task.on_iteration(self, batch) or {}   # image grids, evaluations at other step counts
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 bar.update(1)
@@ -159,29 +170,19 @@ class Trainer:
         return self.finish()
 
     @torch.no_grad()
-    def evaluate(self, n: int | None = None, grid: TimeGrid | None = None, seed: int | None = None):
+    def evaluate(self, n: int | None = None, grid: TimeGrid | None = None, seed: int | None = None) -> Rollout:
         """A fresh rollout of the current policy (its own seeded generator, so evaluation never perturbs training)."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 10_000 if seed is None else seed)
-        if grid is None:
-            grid = (self.env.time_grid(self.cfg.K) if self.cfg.grid == "native"
-                    else TimeGrid.uniform(self.env.sde.T, self.cfg.K, grid_end(self.cfg, self.env.sde.T)))
-        return rollout(self.env, self.policy, grid, self.stepper, n or self.cfg.eval_batch, gen)
+        grid = evaluation_grid(self.cfg, self.env) if grid is None else grid
+        return rollout(self.env, self.policy, grid, self.transition, n or self.cfg.eval_batch, gen)
 
     def finish(self) -> dict:
         ev = self.evaluate()
         summary = {"preset": self.cfg.preset, "algo": self.cfg.algo, "seed": self.cfg.seed,
                    "samples_used": self.samples_used, "wall_s": self.wall, "iterations": self.iteration,
                    "K": self.cfg.K, "method": self.cfg.method, "eta": self.cfg.eta}
-        summary |= self.task.summary(ev.xs[-1], ev.rewards, ev.kl_path)
+        summary |= self.task.summary(ev)
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            if hasattr(self.task, "write_artifacts"):            # optional task hook (e.g. sample grids)
-                self.task.write_artifacts(self.out, ev)
+            self.task.write_artifacts(self.out, ev)
         return summary
-
-
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
-    tr = Trainer(cfg, out)
-    if resume:
-        tr.load()
-    return tr.run()

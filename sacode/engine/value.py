@@ -1,7 +1,7 @@
-"""Value networks V(t, x, c) in RL time (chapter 8).
+"""Value networks V(t, x, c) in RL time and the value learner that fits them (chapter 8).
 
 * :class:`MLPValue` — a plain time-embedded MLP.
-* :class:`StructuredValue` — the design of the paper's value network (theory-notes section 4, "Eq. (20)"):
+* :class:`StructuredValue` — the design of the paper's value network:
 
       V(t, x) = c_skip(t) r(x0_hat(t, x)) + c_out(t) V_phi(t, x),
       c_skip(t) = cos(pi/2 (T - t)/T),   c_out(t) = sin(pi/2 (T - t)/T),
@@ -10,19 +10,22 @@
   condition V(T, x) = r(x) holds exactly, and r(x0_hat) is a good zeroth-order guess (it equals
   r(E[X_T | X_t = x]), which is V up to a Jensen gap) that the learned branch corrects where the denoiser is
   uninformative.
+* :class:`ValueLearner` — regression of V on Monte-Carlo returns, a component that any algorithm (or a chapter)
+  uses on its own.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._shapes import as_time
-from ..nets import MLP
-from ..time import diffusion_time
-from .env import index_cond, tweedie
+from ..dynamics.parameterisation import tweedie
+from ..dynamics.shapes import as_time
+from ..dynamics.time import diffusion_time
+from ..theory.conditions import Conditions
+from ..theory.control import Rollout
+from .nets import MLP
 
 
 class MLPValue(nn.Module):
@@ -31,11 +34,10 @@ class MLPValue(nn.Module):
     def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4):
         super().__init__()
         self.env = env
-        d = math.prod(env.event_shape) if env.event_shape else 1
-        self.net = MLP(d, 1, hidden, depth, n_freq)
-        self.to(getattr(env, "dtype", torch.float64))       # the environment's dtype (float64 toys, float32 images)
+        self.net = MLP(math.prod(env.event_shape), 1, hidden, depth, n_freq)
+        self.to(env.dtype)                                  # the environment's dtype (float64 toys, float32 images)
 
-    def forward(self, t: Tensor, x: Tensor, cond: Any = None) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
         t = as_time(t, x)
         return self.net((t / self.env.sde.T).to(x.dtype), x.reshape(x.shape[0], -1)).squeeze(1)
 
@@ -46,42 +48,26 @@ class StructuredValue(nn.Module):
     def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4):
         super().__init__()
         self.env = env
-        make = getattr(env, "value_correction", None)    # an environment may supply V_phi (a conv net on latents)
-        self.correction = make(hidden=hidden, depth=depth) if make is not None else MLPValue(env, hidden, depth, n_freq)
+        own = env.value_correction(hidden=hidden, depth=depth)   # e.g. a conv net on Stable Diffusion latents
+        self.correction = own if own is not None else MLPValue(env, hidden, depth, n_freq)
 
     def weights(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        u = 0.5 * math.pi * (self.env.sde.T - t) / self.env.sde.T
+        """(c_skip, c_out) = (cos u, sin u), u = pi/2 (T - t)/T = pi/2 s/T in diffusion time s."""
+        T = self.env.sde.T
+        u = 0.5 * math.pi * diffusion_time(t, T) / T
         return torch.cos(u), torch.sin(u)
 
-    def denoised(self, t: Tensor, x: Tensor, cond: Any = None) -> Tensor:
+    def denoised(self, t: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
         s = as_time(diffusion_time(as_time(t, x), self.env.sde.T), x)
         return tweedie(self.env.sde, s, x, self.env.pretrained_score(s, x, cond))
 
-    def forward(self, t: Tensor, x: Tensor, cond: Any = None, skip: Tensor | None = None) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, cond: Conditions | None = None, skip: Tensor | None = None) -> Tensor:
         """V(t, x); ``skip`` = r(x0_hat(t, x)) when already known (see :func:`skip_on_rollout`)."""
         t = as_time(t, x)
         c_skip, c_out = self.weights(t)
         if skip is None:
             skip = self.env.reward(self.denoised(t, x, cond), cond)
         return c_skip * skip.to(x.dtype) + c_out * self.correction(t, x, cond)
-
-
-def skip_on_rollout(value: nn.Module, batch) -> Tensor | None:
-    """The fixed branch r(x0_hat(t_k, x_k)) of a structured value at every state of a rollout, shape (K+1, n).
-
-    Uses the pretrained scores the rollout recorded, so it costs no score evaluation (for Stable Diffusion: a VAE
-    decode and a reward per state, once per rollout instead of once per value evaluation); the terminal entry is the
-    reward. None for other value networks.
-    """
-    if not isinstance(value, StructuredValue) or getattr(batch, "pre_scores", None) is None:
-        return None
-    K, n, ev = batch.K, batch.n, batch.xs.shape[2:]
-    s = batch.grid.s.to(batch.xs)[:-1].repeat_interleave(n)
-    x = batch.xs[:-1].reshape(K * n, *ev)
-    with torch.no_grad():
-        x0 = tweedie(value.env.sde, s, x, batch.pre_scores.reshape(K * n, *ev).to(x))
-        r = value.env.reward(x0, _repeat_cond(batch.cond, K)).reshape(K, n)
-    return torch.cat([r, batch.rewards[None].to(r)], 0)
 
 
 VALUE_NETWORKS = {"mlp": MLPValue, "structured": StructuredValue}
@@ -93,7 +79,32 @@ def make_value(kind: str, env, **kw) -> nn.Module:
     return VALUE_NETWORKS[kind](env, **kw)
 
 
-def value_on_rollout(value: nn.Module, batch, terminal_exact: bool = True, skip: Tensor | None = None,
+def _flat_states(batch: Rollout, steps: slice) -> tuple[Tensor, Tensor]:
+    """RL times and states of the rollout's steps ``steps`` flattened step by step: (m,), (m, *event)."""
+    xs = batch.xs[steps]
+    t = batch.grid.t.to(batch.xs)[steps]
+    return t.repeat_interleave(batch.n), xs.reshape(xs.shape[0] * batch.n, *xs.shape[2:])
+
+
+def skip_on_rollout(value: nn.Module, batch: Rollout) -> Tensor | None:
+    """The fixed branch r(x0_hat(t_k, x_k)) of a structured value at every state of a rollout, shape (K+1, n).
+
+    Uses the pretrained scores the rollout recorded, so it costs no score evaluation (for Stable Diffusion: a VAE
+    decode and a reward per state, once per rollout instead of once per value evaluation); the terminal entry is the
+    reward. None for other value networks.
+    """
+    if not isinstance(value, StructuredValue) or batch.pre_scores is None:
+        return None
+    K, n, ev = batch.K, batch.n, batch.xs.shape[2:]
+    s = batch.grid.s.to(batch.xs)[:-1].repeat_interleave(n)
+    x = batch.xs[:-1].reshape(K * n, *ev)
+    with torch.no_grad():
+        x0 = tweedie(value.env.sde, s, x, batch.pre_scores.reshape(K * n, *ev).to(x))
+        r = value.env.reward(x0, batch.cond.repeat(K)).reshape(K, n)
+    return torch.cat([r, batch.rewards[None].to(r)], 0)
+
+
+def value_on_rollout(value: nn.Module, batch: Rollout, terminal_exact: bool = True, skip: Tensor | None = None,
                      chunk: int | None = None) -> Tensor:
     """V(t_k, x_k) for k = 0..K, shape (K+1, n); the terminal entry is the reward itself when terminal_exact.
 
@@ -101,34 +112,84 @@ def value_on_rollout(value: nn.Module, batch, terminal_exact: bool = True, skip:
     most this many states per call (memory).
     """
     K, n = batch.K, batch.n
-    t = batch.grid.t.to(batch.xs)
-    flat_x = batch.xs.reshape((K + 1) * n, *batch.xs.shape[2:])
-    flat_t = t.repeat_interleave(n)
-    cond = _repeat_cond(batch.cond, K + 1)
+    flat_t, flat_x = _flat_states(batch, slice(None))
+    cond = batch.cond.repeat(K + 1)
     flat_skip = skip.reshape(-1) if skip is not None else None
     N = flat_x.shape[0]
     if not chunk or chunk >= N:
-        kw = {"skip": flat_skip} if flat_skip is not None else {}
-        v = value(flat_t, flat_x, cond, **kw).reshape(K + 1, n)
+        v = value(flat_t, flat_x, cond, **({"skip": flat_skip} if flat_skip is not None else {}))
     else:
         parts = []
         for j in range(0, N, chunk):
             idx = torch.arange(j, min(j + chunk, N))
             kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
-            parts.append(value(flat_t[idx], flat_x[idx], index_cond(cond, idx), **kw))
-        v = torch.cat(parts).reshape(K + 1, n)
+            parts.append(value(flat_t[idx], flat_x[idx], cond.index(idx), **kw))
+        v = torch.cat(parts)
+    v = v.reshape(K + 1, n)
     if terminal_exact:
         v = torch.cat([v[:-1], batch.rewards[None].to(v)], dim=0)
     return v
 
 
-def _repeat_cond(cond, times: int):
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond.repeat(times, *([1] * (cond.ndim - 1)))
-    if isinstance(cond, (list, tuple)):
-        return list(cond) * times
-    if isinstance(cond, dict):
-        return {k: _repeat_cond(v, times) for k, v in cond.items()}
-    raise TypeError(f"cannot repeat conditions of type {type(cond).__name__}")
+def returns_to_go(batch: Rollout, beta: float, with_kl: bool = True) -> Tensor:
+    """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R): Monte-Carlo targets of V(t_k, x_k)."""
+    kl = batch.kl_steps if with_kl else torch.zeros_like(batch.kl_steps)
+    tail = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])
+    G = batch.rewards[None] - beta * tail
+    return torch.cat([G, batch.rewards[None]], 0)
+
+
+class ValueLearner:
+    """Fits a value network by regression of V(t_k, x_k) on targets (Monte-Carlo returns) over rollouts.
+
+    Args:
+        value: the network (e.g. from :func:`make_value`).
+        lr: Adam learning rate; epochs: passes over each batch; minibatch: states per step;
+        max_grad_norm: gradient clipping.
+    """
+
+    def __init__(self, value: nn.Module, lr: float, epochs: int = 2, minibatch: int = 1024,
+                 max_grad_norm: float = 1.0):
+        self.value, self.epochs, self.minibatch, self.max_grad_norm = value, int(epochs), int(minibatch), max_grad_norm
+        self.opt = torch.optim.Adam(value.parameters(), lr=lr)
+        self.value_train = value          # the network or its DDP wrapper (attach)
+        self.accelerator = None
+
+    def attach(self, accelerator) -> None:
+        """Train through accelerate (device placement, mixed precision, DDP)."""
+        self.accelerator = accelerator
+        self.value_train, self.opt = accelerator.prepare(self.value, self.opt)
+
+    def fit(self, batch: Rollout, targets: Tensor, gen: torch.Generator, skip: Tensor | None = None) -> float:
+        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction); returns
+        the mean squared error over the steps taken. ``skip`` (K+1, n): a structured value's r(x0_hat)."""
+        K, n = batch.K, batch.n
+        t, x = _flat_states(batch, slice(None, -1))
+        y = targets[:-1].reshape(-1).to(x)
+        flat_skip = skip[:-1].reshape(-1) if skip is not None else None
+        cond = batch.cond.repeat(K)
+        losses = []
+        for _ in range(self.epochs):
+            perm = torch.randperm(K * n, generator=gen)
+            for j in range(0, perm.numel(), self.minibatch):
+                idx = perm[j: j + self.minibatch]
+                kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
+                pred = self.value_train(t[idx], x[idx], cond.index(idx), **kw)
+                loss = ((pred - y[idx]) ** 2).mean()
+                self.opt.zero_grad(set_to_none=True)
+                if self.accelerator is None:
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                else:
+                    self.accelerator.backward(loss)
+                    self.accelerator.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                self.opt.step()
+                losses.append(float(loss.detach()))
+        return sum(losses) / max(len(losses), 1)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.state_dict(), "value_opt": self.opt.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value.load_state_dict(d["value"])
+        self.opt.load_state_dict(d["value_opt"])

@@ -30,14 +30,16 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from ..control import (ScoreActionPolicy, ScoreControlProblem, step_coefficients,
-                       transition_log_prob_via_policy)
-from ..data import ring_mixture
-from ..exact_laws import reverse_sde_terminal_law
-from ..kl import (GaussianLinearExample, discrete_path_kl, gaussian_kl, path_kl_from_trajectory, shift_path_kl,
+from ..dynamics.gaussian_step import gaussian_step
+from ..dynamics.time import diffusion_time
+from ..theory.control import ScoreActionPolicy, ScoreControlProblem, transition_log_prob_via_policy
+from ..theory.data import ring_mixture
+from ..theory.exact_laws import reverse_sde_terminal_law
+from ..theory.kl import (GaussianLinearExample, discrete_path_kl, gaussian_kl, path_kl_from_trajectory, shift_path_kl,
                   shift_per_step_kl, torchsde_path_kl)
-from ..presets import toy_preset
-from ..samplers import TimeGrid, propagate_gaussian, reverse_sde_sample
+from ..theory.presets import toy_preset
+from ..dynamics.grid import TimeGrid
+from ..dynamics.samplers import propagate_gaussian, reverse_sde_sample
 from . import Z, CheckResult, check
 
 F64 = torch.float64
@@ -123,7 +125,7 @@ def step_policy_density():
             pol = ScoreActionPolicy.of_sampler(sde, score, grid, method, eta)
             rel, mean_err = 0.0, 0.0
             for k in range(K):
-                coef = step_coefficients(sde, grid.s[k], grid.s[k + 1], method, eta)
+                coef = gaussian_step(sde, grid.s[k], grid.s[k + 1], method, eta)
                 lp = transition_log_prob_via_policy(pol, grid.t[k], tr.xs[k], tr.xs[k + 1], coef)
                 rel = max(rel, float(((lp - tr.log_probs[k]).abs() / tr.log_probs[k].abs().clamp_min(1.0)).max()))
                 m = coef.A * tr.xs[k] + coef.B * tr.scores[k]
@@ -134,7 +136,7 @@ def step_policy_density():
             out.append(CheckResult.compare(f"control-step-policy/{label}/{method}-eta{eta:g}/mean", mean_err, 0.0,
                                            1e-12, note + ": max rel |A x + B score - mean|"))
     grid = TimeGrid.uniform(sde.T, 40, s_end=S_END)
-    coef = step_coefficients(sde, grid.s[:-1], grid.s[1:], "em", 1.0)
+    coef = gaussian_step(sde, grid.s[:-1], grid.s[1:], "em", 1.0)
     target = 1.0 / (sde.g(grid.s[:-1]) * torch.sqrt(grid.dt))
     out.append(CheckResult.compare("control-step-policy/em-cov=I/(g^2 dt)",
                                    float(((coef.policy_std - target).abs() / target).max()), 0.0, 1e-13,
@@ -154,7 +156,7 @@ def _moment_ode_kl(toy: GaussianLinearExample, kappa: float, s_end: float) -> fl
     sde, T = toy.sde, toy.sde.T
 
     def rhs(t, y):
-        s = torch.tensor(T - t, dtype=F64)
+        s = torch.tensor(diffusion_time(t, T), dtype=F64)
         b = float(sde.g2(s))
         al, D, sh = float(sde.alpha(s)), float(toy.D(s)), float(toy.shift(s))
         m, v = y[0], y[1]
@@ -286,7 +288,7 @@ def data_processing():
                                        "discrete laws (K=800) vs (w v_T/beta)^2/(2 Var_T)"))
         mcf, ccf = reverse_sde_terminal_law(toy_preset(name).data, sde)
         out.append(CheckResult.compare(f"control-kl-dpi/{name}/Var_T", toy.terminal_var_pre(), float(ccf[0, 0]),
-                                       64 * EPS, "v_T + (alpha_T s0^2/D_T)^2 vs sacode.exact_laws"))
+                                       64 * EPS, "v_T + (alpha_T s0^2/D_T)^2 vs sacode.theory.exact_laws"))
         out.append(CheckResult.compare(f"control-kl-dpi/{name}/violation", max(0.0, term - path), 0.0, 0.0,
                                        f"terminal {term:.6f} <= path {path:.6f}, ratio v_T/Var_T = "
                                        f"{term / path:.6f}"))

@@ -15,12 +15,12 @@ from functools import lru_cache
 import torch
 from scipy.integrate import quad
 
-from ..exact_laws import reverse_sde_terminal_law
-from ..optimal import (discrete_gaussian_objective, hjb_residual, mode_misassignment_bound, naive_tilt,
+from ..theory.exact_laws import reverse_sde_terminal_law
+from ..theory.optimal import (discrete_gaussian_objective, hjb_residual, mode_misassignment_bound, naive_tilt,
                        naive_tilt_law, optimal_objective, optimal_terminal_law, optimal_value, optimal_value_grad,
-                       path_kl_rate, sample_optimal, sample_optimal_coupled)
-from ..presets import TOY_PRESETS, ToyPreset, toy_preset
-from ..samplers import TimeGrid
+                       optimal_path_kl_rate, sample_optimal, sample_optimal_coupled)
+from ..theory.presets import TOY_PRESETS, ToyPreset, toy_preset
+from ..dynamics.grid import TimeGrid
 from . import Z, CheckResult, check
 
 EPS = torch.finfo(torch.float64).eps
@@ -129,7 +129,7 @@ def identities():
         obj, objq = optimal_objective(p), optimal_objective(p, "quadrature")
         out.append(CheckResult.compare(f"optimal-identities/{name}/J-quadrature", objq.J, obj.J,
                                        ROUNDING_ULPS * EPS * max(1.0, abs(obj.J))))
-        kl_path, err = quad(lambda t: path_kl_rate(p, t), 0.0, p.sde.T, epsabs=1e-12, epsrel=1e-12, limit=200)
+        kl_path, err = quad(lambda t: optimal_path_kl_rate(p, t), 0.0, p.sde.T, epsabs=1e-12, epsrel=1e-12, limit=200)
         out.append(CheckResult.compare(f"optimal-identities/{name}/KL-Girsanov", kl_path, obj.kl,
                                        err + ROUNDING_ULPS * EPS * max(1.0, obj.kl), "int 1/2 g^2 E||a*-s_pre||^2 dt"))
     return out

@@ -13,10 +13,11 @@ import math
 import numpy as np
 import torch
 
-from .. import policy_eval as pe
-from ..affine_policy import AffineScoreFamily
-from ..presets import toy_preset
-from ..samplers import TimeGrid
+from ..theory import policy_eval as pe
+from ..theory.affine_policy import AffineScoreFamily
+from ..theory.presets import toy_preset
+from ..dynamics.grid import TimeGrid
+from ..dynamics.time import diffusion_time
 from . import Z, CheckResult, check
 
 EXACT_TOL = 1e-8
@@ -58,8 +59,9 @@ def policy_value():
     out = []
     n = 20000
     for t0, x0 in [(0.0, 0.0), (0.5, -1.0), (0.85, 2.5)]:
-        K = max(20, int(round(200 * (fam.T - t0))))
-        grid = TimeGrid(torch.linspace(fam.T - t0, 0.0, K + 1, dtype=torch.float64), fam.T)
+        s0 = diffusion_time(t0, fam.T)
+        K = max(20, int(round(200 * s0)))
+        grid = TimeGrid(torch.linspace(s0, 0.0, K + 1, dtype=torch.float64), fam.T)
         gen = torch.Generator().manual_seed(11)
         R = pe.sample_returns(fam, THETA_NT, p.reward, p.beta, grid, torch.full((n,), x0, dtype=torch.float64), gen)
         vk = pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, grid, mean0=x0, var0=0.0).objective
@@ -91,7 +93,7 @@ def policy_q():
     out = []
     worst, tol = 0.0, 0.0
     for t in [0.2, 0.6, 0.9]:
-        s = torch.tensor(fam.T - t, dtype=torch.float64)
+        s = torch.tensor(diffusion_time(t, fam.T), dtype=torch.float64)
         g2, f = float(fam.sde.g2(s)), float(fam.sde.f_coef(s))
         d = []
         for h in (1e-3, 5e-4):
@@ -202,20 +204,20 @@ def policy_performance_difference():
 def policy_optimal():
     """The optimal control a* = s_pre + grad V*/beta lies in the affine family and attains J*.
 
-    J(theta*) by the moment ODE vs the closed form J* = E V*(0, X_0) (and vs sacode.optimal's J*);
+    J(theta*) by the moment ODE vs the closed form J* = E V*(0, X_0) (and vs sacode.theory.optimal's J*);
     J* - J(theta* + delta) = beta KL(P^{theta*+delta} || P^*) (performance difference at the optimum; > 0);
     grad J(theta*) = 0 in every basis direction.
     """
-    from .. import optimal as opt
+    from ..theory import optimal as opt
 
     out = []
     for name in ["gauss1d-linear", "gauss1d-quadratic", "gauss1d-linear-short", "gauss1d-quadratic-short"]:
         fam, p = _family(name)
         ofam = pe.optimal_family(fam, p.reward, p.beta)
         J_theta = pe.objective(ofam, ofam.zeros(), p.reward, p.beta).objective
-        J_star = pe.optimal_objective(fam, p.reward, p.beta)
+        J_star = pe.affine_optimal_objective(fam, p.reward, p.beta)
         out.append(CheckResult.compare(f"policy-optimal/{name}/J(theta*) = J*", J_theta, J_star, EXACT_TOL))
-        out.append(CheckResult.compare(f"policy-optimal/{name}/J* vs sacode.optimal", J_star,
+        out.append(CheckResult.compare(f"policy-optimal/{name}/J* vs sacode.theory.optimal", J_star,
                                        opt.optimal_objective(p).J, EXACT_TOL, "two closed forms"))
         g = pe.exact_gradient(ofam, ofam.zeros(), p.reward, p.beta)
         out.append(CheckResult.compare(f"policy-optimal/{name}/max|grad J(theta*)|", np.abs(g).max(), 0.0, EXACT_TOL))

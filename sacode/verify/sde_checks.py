@@ -7,11 +7,12 @@ import numpy as np
 import torch
 import torchsde
 
-from ..data import Gaussian, ring_mixture
-from ..dsm import dsm_loss_per_sample, dsm_minimum_gaussian
-from ..exact_laws import pf_ode_terminal_law, reverse_sde_terminal_law
-from ..samplers import TimeGrid, propagate_gaussian, reverse_sde_sample
-from ..sde import OUSDE, VESDE, VPSDE, LinearSDE
+from ..theory.data import Gaussian, ring_mixture
+from ..theory.dsm import dsm_loss_per_sample, dsm_minimum_gaussian
+from ..theory.exact_laws import pf_ode_terminal_law, reverse_sde_terminal_law
+from ..dynamics.grid import TimeGrid
+from ..dynamics.samplers import propagate_gaussian, reverse_sde_sample
+from ..dynamics.sde import OUSDE, VESDE, VPSDE, LinearSDE
 from . import Z, CheckResult, check
 
 DATA_1D = Gaussian.scalar(0.5, 0.8)          # the toy presets' data law N(0.5, 0.8^2)
