@@ -5,8 +5,8 @@ is built" draws the import graph):
 
 * :mod:`sacode.dynamics` — SDEs, time, time grids, the one Gaussian-step primitive, samplers (chapters 1-2);
 * :mod:`sacode.theory`   — closed-form laws, the control problem and its rollout, KL, optimal control, exact policy
-  evaluation, the K-step optimum (chapters 2-9);
-* :mod:`sacode.engine`   — policies, value learning, algorithms, the trainer and its configuration (chapters 7-11);
+  evaluation, the K-step optimum (chapters 2-10);
+* :mod:`sacode.engine`   — policies, value learning, algorithms, the trainer and its configuration (chapters 8-12);
 * :mod:`sacode.envs`     — the environments (toys, digits, Stable Diffusion); they register their presets in
   :mod:`sacode.registry`;
 * :mod:`sacode.bench`, :mod:`sacode.verify`, :mod:`sacode.cli` — benchmarks, closed-form checks, command line.

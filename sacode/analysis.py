@@ -1,10 +1,10 @@
-"""Helpers for the chapters that train and compare fine-tuning runs (chapters 7-10).
+"""Helpers for the chapters that train and compare fine-tuning runs (chapters 8-11).
 
 * :func:`run_training` — one quiet :class:`~sacode.engine.trainer.Trainer` run in a temporary directory, with its
   per-iteration metrics loaded back (``metrics.jsonl``) and a seeded evaluation rollout
   (:class:`~sacode.engine.evaluation.Evaluation`).
 * :func:`load_bench` — the result of ``python -m sacode bench NAME`` (``figures/bench-NAME.json``) if it exists.
-* :func:`value_input_grad` — grad_x V(t, x) of a value network by autograd (chapter 8).
+* :func:`value_input_grad` — grad_x V(t, x) of a value network by autograd (chapter 9).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run-size profiles read from ``SACODE_PROFILE`` (DESIGN.md decision 3).
+"""Run-size profiles read from ``SACODE_PROFILE`` (the book's appendix "How sacode is built").
 
 ``ci``: seconds, used by the tests; ``class``: the default, at most about 60 s per chapter on a 2-core laptop;
 ``full``: research-size runs.

@@ -44,7 +44,7 @@ def test_run_training_records_metrics_and_evaluation():
 
 
 def test_value_input_grad_of_the_tweedie_branch_is_the_exact_optimal_gradient():
-    """For a linear reward on Gaussian data, grad r(x0_hat) = grad V* exactly (chapter 8), so a structured value with
+    """For a linear reward on Gaussian data, grad r(x0_hat) = grad V* exactly (chapter 9), so a structured value with
     its learned branch switched off has input gradient c_skip(t) grad V*(t, x)."""
     p = toy_preset("gauss1d-linear")
     v = StructuredValue(ToyEnv(p))

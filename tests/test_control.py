@@ -184,7 +184,7 @@ def test_gaussian_step_errors():
 
 # --- rollouts with sampled actions ------------------------------------------------------------------
 def test_sampled_actions_without_brownian_noise_have_the_em_law():
-    """x' = x + b(t, x, a) dt, a ~ N(s, 1/(g^2 dt)): exactly the law of the EM step (theory-notes 1.4)."""
+    """x' = x + b(t, x, a) dt, a ~ N(s, 1/(g^2 dt)): exactly the law of the EM step (chapter 3)."""
     K, n = 20, 40_000
     grid = TimeGrid.uniform(SDE.T, K, s_end=1e-3)
     pb = _problem()

@@ -1,4 +1,4 @@
-"""Chapter 10: the digits data, the committed pretrained models, rewards, metrics, the engine task and the bench."""
+"""Chapter 11: the digits data, the committed pretrained models, rewards, metrics, the engine task and the bench."""
 from __future__ import annotations
 
 import json
@@ -147,15 +147,15 @@ def DIGITS_CI_K():
 
 
 def test_bench_digits_ci(tmp_path):
-    from sacode.bench.digits import digits
+    from sacode.bench.digits import digits_benchmark
 
-    res = digits(profile="ci", seeds=1, presets=None, algos=["ctpo", "ddpo"], cache=tmp_path / "cache",
+    res = digits_benchmark(profile="ci", seeds=1, presets=None, algos=["ctpo", "ddpo"], cache=tmp_path / "cache",
                  out=tmp_path)
     assert [r["algo"] for r in res["algorithms"]] == ["ctpo", "ddpo"]
     assert {(r["algo"], r["beta"]) for r in res["beta_sweep"]} == {(a, b) for a in ("ctpo", "ddpo") for b in (0.0, 1.0)}
     assert {g["K"] for g in res["time_grids"]} == set(res["eval_ks"]) and "table" in res
     assert (tmp_path / "bench-digits.png").exists() and (tmp_path / "digits-samples.png").exists()
-    from sacode.bench.digits import decode_images, encode_images
+    from sacode.envs.digits.data import decode_images, encode_images
     x = D.digits("heldout")[0][:4]
     assert decode_images(res["algorithms"][0]["images"]).shape[1:] == (1, 8, 8)
     assert torch.allclose(decode_images(encode_images(x)), x, atol=0.5 / 127.5 + 1e-6)   # half a grey level

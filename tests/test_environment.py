@@ -1,4 +1,4 @@
-"""environment.yml, requirements.txt and pyproject.toml stay in step (DESIGN.md decision 1).
+"""environment.yml, requirements.txt and pyproject.toml stay in step.
 
 conda is not available here, so this test is what keeps the conda mirror honest: environment.yml installs exactly
 `-r requirements.txt` through pip with a python that pyproject allows; requirements.txt pins the CPU torch and

@@ -1,7 +1,7 @@
 """Optimal fine-tuning in closed form (sacode.theory.optimal): Cole-Hopf value, optimal score, tilted and terminal laws, J*.
 
 Oracles: scipy quadrature of the defining integrals (h = E[e^{r/beta} | X_t = x], Z = E e^{r/beta}), the
-theory-notes closed forms (section 6.2, 6.4) re-derived in chapter 5, sacode.theory.exact_laws / propagate_gaussian (the
+the closed forms derived in chapter 5, sacode.theory.exact_laws / propagate_gaussian (the
 exact law of the discrete sampler for affine scores), and Monte Carlo with Z standard errors plus an exactly
 computed discretisation bias.
 """
@@ -35,7 +35,7 @@ def _scalars(p: ToyPreset, s: float):
 
 
 def _post(p: ToyPreset, s: float, x: float):
-    """Posterior mean and variance of X_0 | Y_s = x for N(0.5, 0.8^2) data (theory-notes section 6.1)."""
+    """Posterior mean and variance of X_0 | Y_s = x for N(0.5, 0.8^2) data (chapter 5)."""
     a, sg2, D = _scalars(p, s)
     return 0.5 + a * 0.64 / D * (x - a * 0.5), 0.64 * sg2 / D
 
@@ -61,7 +61,7 @@ def test_doob_h_matches_scipy_integral(name):
 
 
 def test_linear_value_matches_theory_notes():
-    """V* = w m_post + w^2 v/(2 beta) and a* - s_pre = alpha s0^2 w/(beta D) (theory-notes section 6.2)."""
+    """V* = w m_post + w^2 v/(2 beta) and a* - s_pre = alpha s0^2 w/(beta D) (chapter 5)."""
     p = toy_preset("gauss1d-linear-short")
     x = torch.linspace(-2, 3, 11, dtype=torch.float64)
     for t in [0.0, 0.3, 0.8, 1.0]:
@@ -137,7 +137,7 @@ def test_naive_tilt_closed_forms():
     lin = O.naive_tilt(toy_preset("gauss1d-linear"))
     assert float(lin.means[0, 0]) == pytest.approx(0.5 + 0.64 / 0.5) and float(lin.covs[0, 0, 0]) == pytest.approx(0.64)
     quad_t = O.naive_tilt(toy_preset("gauss1d-quadratic"))
-    v = 1 / (1 / 0.64 + 2.0)                                                   # theory-notes section 6.4
+    v = 1 / (1 / 0.64 + 2.0)                                                   # chapter 5
     assert float(quad_t.covs[0, 0, 0]) == pytest.approx(v, rel=1e-13)
     assert float(quad_t.means[0, 0]) == pytest.approx(v * (0.5 / 0.64 + 2.0 * 2.0), rel=1e-13)
     p = toy_preset("mixture2d-linear")

@@ -1,4 +1,4 @@
-"""The five toy presets have exactly the parameters of DESIGN.md ("Toy presets (exact parameters)").
+"""The five toy presets have exactly their documented parameters (sacode.theory.presets, the book's appendix).
 
 | preset                  | b_min, b_max | data                                   | r(x)       | beta |
 | gauss1d-linear          | 0.1, 20      | N(0.5, 0.8^2)                          | x          | 0.5  |

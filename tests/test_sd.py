@@ -1,4 +1,4 @@
-"""Stable Diffusion + LoRA on the engine (chapter 11), checked on the tiny random pipeline built locally (CPU).
+"""Stable Diffusion + LoRA on the engine (chapter 12), checked on the tiny random pipeline built locally (CPU).
 
 Exactness checks compare with diffusers itself: the DDIM step and a whole pipeline call. diffusers computes its
 scalar coefficients from float32 ``alphas_cumprod`` with float32 powers, so the tolerances are a few float32 ulps

@@ -181,7 +181,7 @@ def test_time_of_wrong_shape_raises():
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("name", ["vp", "ve", "ou"])
 def test_reverse_drift_eta_family(name, eta, shape):
-    """reverse_drift = -f x + (1 + eta^2)/2 g^2 score (theory-notes 1.2); eta = 0 is the PF-ODE drift."""
+    """reverse_drift = -f x + (1 + eta^2)/2 g^2 score (chapter 1); eta = 0 is the PF-ODE drift."""
     sde = SDES[name]
     x = torch.randn(shape, generator=make_gen(3), dtype=torch.float64)
     score = torch.randn(shape, generator=make_gen(4), dtype=torch.float64)

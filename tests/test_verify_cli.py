@@ -1,4 +1,4 @@
-"""The `python -m sacode verify` contract (DESIGN.md, command-line contracts).
+"""The `python -m sacode verify` contract (README, the closed-form checks).
 
 Only the fast `dsm` subset runs here as a subprocess; the full verify run is a separate step of `make test`.
 """

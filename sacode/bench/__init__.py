@@ -18,7 +18,7 @@ BENCHMARKS = {
     "discretization": "sacode.bench.toys:discretization",
     "deterministic": "sacode.bench.toys:deterministic",
     "sd-throughput": "sacode.bench.sd:sd_throughput",
-    "digits": "sacode.bench.digits:digits",
+    "digits": "sacode.bench.digits:digits_benchmark",
 }
 
 

@@ -1,4 +1,4 @@
-"""``python -m sacode bench digits``: fine-tuning the pretrained 8x8-digits UNet (chapter 10).
+"""``python -m sacode bench digits``: fine-tuning the pretrained 8x8-digits UNet (chapter 11).
 
 Three measurements on ``digits-class3`` (reward log p(3 | x), beta = 1), all at the run size of the profile:
 
@@ -8,7 +8,7 @@ Three measurements on ``digits-class3`` (reward log p(3 | x), beta = 1), all at 
   along training and at the end.
 * **beta sweep**: ctpo and ddpo with beta from 0 (pure reward maximisation: reward hacking) to 3, the
   reward-KL trade-off (a Pareto plot) with sample grids.
-* **time grids**: policies trained on K = 10 DDIM steps evaluated with K in EVAL_KS steps (and with the
+* **time grids**: policies trained on K = 10 DDIM steps evaluated with K in DIGITS_EVAL_KS steps (and with the
   Euler-Maruyama sampler): does the fine-tuned score transfer to other discretisations?
 
 Runs are cached in ``runs/bench-cache`` (so re-running with more seeds only trains what is missing).
@@ -29,15 +29,15 @@ from ..envs.digits.data import decode_images, encode_images  # noqa: F401  (deco
 from ..runs import make_config, make_trainer
 from ..theory.control import rollout
 from ..theory.estimate import mean_se
+from .toys import ALGOS
 
 PRESET = "digits-class3"
-ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
 SWEEP_ALGOS = ["ctpo", "ddpo"]
 BETAS = [0.0, 0.1, 0.3, 1.0, 3.0]
-EVAL_KS = [5, 10, 20, 40]
-EVAL_SEED = 54321
+DIGITS_EVAL_KS = [5, 10, 20, 40]
+DIGITS_EVAL_SEED = 54321
 N_IMAGES = 32                       # sample images stored per run for the chapter's grids
-CURVE_KEYS = ("iteration", "samples_used", "wall_s", "reward", "kl_path", "objective", "fd_batch",
+DIGITS_CURVE_KEYS = ("iteration", "samples_used", "wall_s", "reward", "kl_path", "objective", "fd_batch",
               "pairwise_distance", "class_entropy", "target_fraction", "fd_target_class")
 
 
@@ -56,9 +56,9 @@ def trained(preset: str, algo: str, seed: int, profile: str, cache: Path, overri
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()         # an interrupted run starts over
         tr.run()
-        torch.save(tr.evaluate(n=N_IMAGES, seed=EVAL_SEED).xs[-1], out / "images.pt")
+        torch.save(tr.evaluate(n=N_IMAGES, seed=DIGITS_EVAL_SEED).xs[-1], out / "images.pt")
     summary = json.loads((out / "summary.json").read_text())
-    curve = [{k: r[k] for k in CURVE_KEYS if k in r}
+    curve = [{k: r[k] for k in DIGITS_CURVE_KEYS if k in r}
              for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     return {"summary": summary, "curve": curve, "dir": str(out), "overrides": overrides, "profile": profile}
 
@@ -76,7 +76,7 @@ def _images(run: dict) -> list:
 
 
 @torch.no_grad()
-def evaluate_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
+def evaluate_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = DIGITS_EVAL_SEED) -> dict:
     """Reward, path KL, J and sample quality of a trained policy on a K-step uniform grid of ``method``."""
     cfg = tr.cfg.replace(K=K, method=method, s_end=None)
     b = rollout(tr.env, tr.policy, evaluation_grid(cfg, tr.env), Transition(tr.env.sde, method, cfg.eta), n,
@@ -89,7 +89,7 @@ def evaluate_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_
 
 
 @torch.no_grad()
-def pretrained_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = EVAL_SEED) -> dict:
+def pretrained_on_grid(tr: Trainer, K: int, method: str, n: int, seed: int = DIGITS_EVAL_SEED) -> dict:
     cfg = tr.cfg.replace(K=K, method=method, s_end=None)
     b = tr.task.pretrained_rollout(n, evaluation_grid(cfg, tr.env), Transition(tr.env.sde, method, cfg.eta), seed)
     m = tr.task.image_metrics(b.xs[-1])
@@ -110,14 +110,14 @@ def _n_eval(profile: str) -> int:
     return {"ci": 64, "class": 256, "full": 1000}[profile]
 
 
-def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
+def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
     from ..envs.digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
 
     preset = (presets or [PRESET])[0]
     algos = algos or ALGOS
     sweep_algos = [a for a in SWEEP_ALGOS if a in algos]
     betas = BETAS if profile != "ci" else [0.0, 1.0]
-    eval_ks = EVAL_KS if profile != "ci" else [5, 10]
+    eval_ks = DIGITS_EVAL_KS if profile != "ci" else [5, 10]
     n_eval = _n_eval(profile)
     res: dict = {"profile": profile, "preset": preset, "seeds": seeds, "algos": algos, "betas": betas,
                  "eval_ks": eval_ks, "n_eval_grids": n_eval}
@@ -170,7 +170,7 @@ def digits(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> 
                 grids.append({"algo": "pretrained", "seed": 0} | pretrained_on_grid(tr0, K, method, n_eval))
         res["train_K"] = tr0.cfg.K
         res["pretrained_images"] = encode_images(
-            tr0.task.pretrained_rollout(N_IMAGES, evaluation_grid(tr0.cfg, tr0.env), tr0.transition, EVAL_SEED).xs[-1])
+            tr0.task.pretrained_rollout(N_IMAGES, evaluation_grid(tr0.cfg, tr0.env), tr0.transition, DIGITS_EVAL_SEED).xs[-1])
     res["time_grids"] = grids
     res["images_format"] = "hex strings of 64 uint8 grey levels, x = v/127.5 - 1; decode with decode_images"
     res["table"] = _table(res)

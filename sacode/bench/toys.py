@@ -1,4 +1,4 @@
-"""Benchmarks on the toy presets, where the exact optimum is known (chapters 7 and 9).
+"""Benchmarks on the toy presets, where the exact optimum is known (chapters 8 and 10).
 
 * ``toy-convergence``: samples and wall time each algorithm needs until the terminal law is within tolerance of the
   closed-form optimum, and the errors at the full budget, over several seeds.
@@ -246,7 +246,7 @@ def _finish(fig, axes, ylabel: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-EVAL_KS = [5, 10, 20, 50, 100, 200]
+TOY_EVAL_KS = [5, 10, 20, 50, 100, 200]
 
 
 def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
@@ -269,7 +269,7 @@ def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: P
             env = ToyEnv(pr)
             res: dict[str, list] = {}
             for pol in pols:
-                for K in EVAL_KS:
+                for K in TOY_EVAL_KS:
                     ev = _record(env, pol, TimeGrid.uniform(pr.sde.T, K), Transition(pr.sde, "em", 1.0), n_eval,
                                  target, pr.beta)
                     res.setdefault(f"em-K{K}", []).append(ev)
@@ -290,23 +290,23 @@ def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: P
                        "J": None if v[0]["J"] is None else float(np.mean([e["J"] for e in v]))}
                    for k, v in res.items()}
             J20 = agg["em-K20"]["J"]
-            degr = float(np.mean([abs(agg[f"em-K{K}"]["J"] - J20) for K in EVAL_KS if K != 20]))
+            degr = float(np.mean([abs(agg[f"em-K{K}"]["J"] - J20) for K in TOY_EVAL_KS if K != 20]))
             rows.append({"preset": name, "algo": label, "J_opt": J_opt, "degradation_J": degr, "evals": agg})
         # The optimal control's own J_K moves with K (the evaluation grid's discretisation error); what a trained
         # policy adds on top is its regret J_K(optimal) - J_K(policy). Excess degradation: how far that regret
         # moves away from its K = 20 value.
         opt_row = next(r for r in rows if r["preset"] == name and r["algo"] == "optimal")
         for r in (r for r in rows if r["preset"] == name):
-            regret = {K: opt_row["evals"][f"em-K{K}"]["J"] - r["evals"][f"em-K{K}"]["J"] for K in EVAL_KS}
+            regret = {K: opt_row["evals"][f"em-K{K}"]["J"] - r["evals"][f"em-K{K}"]["J"] for K in TOY_EVAL_KS}
             r["regret"] = regret
-            r["excess_degradation"] = float(np.mean([abs(regret[K] - regret[20]) for K in EVAL_KS if K != 20]))
+            r["excess_degradation"] = float(np.mean([abs(regret[K] - regret[20]) for K in TOY_EVAL_KS if K != 20]))
     ratios, ratios_excess = {}, {}
     for name in presets:
         by = {r["algo"]: r for r in rows if r["preset"] == name}
         if "ctpo" in by and "ddpo" in by and by["ddpo"]["degradation_J"] > 0:
             ratios[name] = by["ctpo"]["degradation_J"] / by["ddpo"]["degradation_J"]
             ratios_excess[name] = by["ctpo"]["excess_degradation"] / max(by["ddpo"]["excess_degradation"], 1e-12)
-    cols = [f"em-K{K}" for K in EVAL_KS] + ["em-power-K20"]
+    cols = [f"em-K{K}" for K in TOY_EVAL_KS] + ["em-power-K20"]
     err_cols = ["ddim1-K20", "ddim0.5-K20", "ddim0-K20", "pf-heun-K20"]
     lines = [f"{'preset':<24}{'policy':<15}" + "".join(f"{c:>13}" for c in cols) + f"{'degr.':>7}{'excess':>8}"
              + "".join(f"{'|Δm| ' + c:>19}" for c in err_cols)]
@@ -335,8 +335,8 @@ def _plot_discretization(rows, presets, path: Path):
     fig, axes = plt.subplots(1, len(presets), figsize=(3.2 * len(presets), 3.2), squeeze=False)
     for ax, name in zip(axes[0], presets):
         for r in (r for r in rows if r["preset"] == name):
-            J = [r["evals"][f"em-K{K}"]["J"] for K in EVAL_KS]
-            ax.semilogx(EVAL_KS, J, marker="o", color=color(r["algo"]), label=r["algo"], ms=3,
+            J = [r["evals"][f"em-K{K}"]["J"] for K in TOY_EVAL_KS]
+            ax.semilogx(TOY_EVAL_KS, J, marker="o", color=color(r["algo"]), label=r["algo"], ms=3,
                         ls="--" if r["algo"] == "optimal" else "-")
         ax.axhline(next(r["J_opt"] for r in rows if r["preset"] == name), color="k", lw=1, ls=":", label="J*")
         ax.axvline(20, color="0.7", lw=1)

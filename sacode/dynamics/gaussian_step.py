@@ -20,7 +20,7 @@ method         A                                      B                         
 DDIM (Song, Meng, Ermon 2021, eq. 12): c^2 = eta^2 sigma_n^2 (1 - alpha_c^2 sigma_n^2 / (alpha_n^2 sigma_c^2)); for the
 VP SDE and eta = 1 this is DDPM's posterior step. Subscripts c and n: s_k and s_{k+1}.
 
-Exploration (chapters 3 and 9) widens a step without moving its mean: state noise ``explore`` * sqrt(h) (it makes a
+Exploration (chapters 3 and 10) widens a step without moving its mean: state noise ``explore`` * sqrt(h) (it makes a
 deterministic sampler stochastic) and a Gaussian *action* a ~ N(score, action_std^2 I), which adds B^2 action_std^2
 to the variance. ``brownian=False`` drops the sampler's own noise c_method (the noiseless Euler step of chapter 3):
 

@@ -1,7 +1,7 @@
 """Time grids of the samplers: diffusion times s_0 = T > s_1 > ... > s_K >= 0 (RL times t_k = T - s_k increase).
 
 A fine-tuning run samples on one grid; the continuous-time view of chapter 3 makes the policy a function of time,
-so it can be evaluated on any other grid (chapter 9).
+so it can be evaluated on any other grid (chapter 10).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ One step maps x_k at diffusion time s_k to x_{k+1} at s_{k+1} < s_k. A stochasti
     x_{k+1} = mean_k(x_k) + std_k * z,   z ~ N(0, I),
 
 and the sampler can record that mean, std and the transition log-density log N(x_{k+1}; mean_k, std_k^2 I)
-*summed over dimensions* (DESIGN.md decision 6). Methods:
+*summed over dimensions* (chapter 3). Methods:
 
 =============  =======================================================================================
 ``"em"``       Euler-Maruyama on dX = [-f + (1+eta^2)/2 g^2 score] dt + eta g dB (eta = 1: reverse SDE)

@@ -12,7 +12,7 @@ The reverse-time dynamics in RL time t = T - s (Anderson 1982; Song et al. 2021,
 
     dX_t = [-f(s, X_t) + (1 + eta^2)/2 g(s)^2 score(s, X_t)] dt + eta g(s) dB_t,   s = T - t,
 
-eta = 1 the reverse SDE, eta = 0 the probability-flow ODE; theory-notes section 1.2.
+eta = 1 the reverse SDE, eta = 0 the probability-flow ODE; chapter 1.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ class VPSDE(LinearSDE):
         self.b_min, self.b_max, self.T = float(b_min), float(b_max), float(T)
 
     def b(self, s: Tensor) -> Tensor:
-        """Noise rate b(s) (the paper's beta(s); theory-notes writes zeta)."""
+        """Noise rate b(s) (the paper's beta(s), renamed here so as not to clash with the KL weight)."""
         return self.b_min + (self.b_max - self.b_min) * s / self.T
 
     def B(self, s: Tensor) -> Tensor:
@@ -235,7 +235,7 @@ class ReverseSDE:
     """The reverse-time dynamics of ``sde`` driven by ``score_fn``, in RL time t = T - s.
 
     eta = 1 gives the reverse SDE, eta = 0 the probability-flow ODE, 0 < eta < 1 the generalised DDIM family
-    dX = [-f + (1 + eta^2)/2 g^2 score] dt + eta g dB (theory-notes section 1.2). ``f(t, y)`` and ``g(t, y)``
+    dX = [-f + (1 + eta^2)/2 g^2 score] dt + eta g dB (chapter 1). ``f(t, y)`` and ``g(t, y)``
     follow torchsde's protocol (diagonal Ito noise, y of shape (n, d)), so ``torchsde.sdeint`` integrates it.
     """
 

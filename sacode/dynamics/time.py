@@ -1,4 +1,4 @@
-"""The one place where diffusion time and RL time meet (DESIGN.md decision 4).
+"""The one place where diffusion time and RL time meet (see the notation page of the book).
 
 * Diffusion time ``s`` in [0, T]: s = 0 is data, s = T is noise. SDEs, scores, schedules use it.
 * RL time ``t`` in [0, T]: t = 0 is noise, t = T is the generated sample. The control problem uses it.

@@ -1,4 +1,4 @@
-"""The Gaussian transition x_{k+1} | x_k of a sampler on any grid, as a function of the score (chapters 3 and 9).
+"""The Gaussian transition x_{k+1} | x_k of a sampler on any grid, as a function of the score (chapters 3 and 10).
 
 A :class:`Transition` fixes a sampler method and its noise (eta, state exploration, action exploration) and gives,
 for any score function and any step s_k -> s_{k+1}, the mean and std of the next state. Rollouts, training passes
@@ -6,7 +6,7 @@ and the exact recursions all go through it, so a recomputed log-density equals t
 not changed.
 
 Deterministic samplers (the probability-flow ODE, DDIM with eta = 0) have no transition density. Adding Gaussian
-exploration x_{k+1} = m(x_k) + explore sqrt(h) z makes them Gaussian steps again (chapter 9).
+exploration x_{k+1} = m(x_k) + explore sqrt(h) z makes them Gaussian steps again (chapter 10).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Transition:
         self.deterministic = not own_noise
         if self.deterministic and self.explore <= 0 and not (callable(action_std) or float(action_std) > 0):
             raise ValueError(f"sampler {method!r} with eta={eta} is deterministic: its transitions have no density. "
-                             f"Set an exploration noise (explore > 0) to fine-tune through it (chapter 9).")
+                             f"Set an exploration noise (explore > 0) to fine-tune through it (chapter 10).")
         if method == "pf-heun" and (callable(action_std) or float(action_std) > 0):
             raise ValueError("action exploration needs a step that is affine in a single score; pf-heun evaluates the "
                              "score twice; use explore > 0 instead")

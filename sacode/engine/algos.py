@@ -2,7 +2,7 @@
 
 =================  =========================================================================================
 ``ctpo``           Continuous-time policy optimisation (the paper's method): per-step advantage rates from a value
-                   network, q_k dt ~ V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta KL_k (theory-notes 2.3), PPO-clipped
+                   network, q_k dt ~ V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta KL_k (chapter 6), PPO-clipped
                    likelihood-ratio update on the Gaussian score-action policy (chapter 6).
 ``ctpo-pathwise``  The pathwise form of the same policy gradient: surrogate grad_x V(t_{k+1}, x_{k+1}) . m_theta(x_k)
                    - beta KL_k(theta), whose theta-gradient is g^2 dt (d mu)^T (grad V - beta (mu - s_pre)).
@@ -33,7 +33,8 @@ from ..dynamics.shapes import expand_time, sum_event
 from ..dynamics.transition import Transition
 from ..theory.conditions import Conditions
 from ..theory.control import Rollout
-from .value import ValueLearner, make_value, returns_to_go, skip_on_rollout, value_on_rollout
+from .config import ALGORITHMS
+from .value import ValueLearner, returns_to_go, skip_on_rollout, value_on_rollout
 
 
 @dataclass
@@ -140,15 +141,12 @@ class Algorithm:
                     else torch.optim.Adam(params, lr=cfg.lr))
         self.accelerator = None
         self.policy_train = policy          # what training passes call: the policy, or its DDP wrapper (attach)
-        self.value, self.value_learner = None, None
-        if self.uses_value:
-            self.value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
-            self.value_learner = ValueLearner(self.value, cfg.value_lr, cfg.value_epochs,
-                                              cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm)
+        self.value_learner = ValueLearner.from_config(env, cfg) if self.uses_value else None
+        self.value = self.value_learner.value if self.uses_value else None
         self.stats = PerConditionStats()
 
     def attach(self, accelerator) -> None:
-        """Train through Hugging Face accelerate (DESIGN.md decision 10): device placement, mixed precision and the
+        """Train through Hugging Face accelerate: device placement, mixed precision and the
         DDP all-reduce of gradients. Rollouts keep calling the unwrapped modules (they need no gradients)."""
         self.accelerator = accelerator
         self.policy_train, self.opt = accelerator.prepare(self.policy, self.opt)
@@ -369,10 +367,11 @@ class Backprop(Algorithm):
         return self.env.reward(x, cond) - self.beta * kl_total
 
 
-ALGORITHMS = {c.name: c for c in (CTPO, CTPOPathwise, DDPO, DPOK, Backprop)}
+ALGORITHM_CLASSES = {c.name: c for c in (CTPO, CTPOPathwise, DDPO, DPOK, Backprop)}
+assert set(ALGORITHM_CLASSES) == set(ALGORITHMS), "engine.config.ALGORITHMS lists every algorithm"
 
 
 def make_algorithm(name: str, env, policy, cfg, transition: Transition) -> Algorithm:
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](env, policy, cfg, transition)
+    if name not in ALGORITHM_CLASSES:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHM_CLASSES)}")
+    return ALGORITHM_CLASSES[name](env, policy, cfg, transition)

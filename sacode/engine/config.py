@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PROFILES = ("ci", "class", "full")
+from ..profiles import PROFILES
+
 ALGORITHMS = ("ctpo", "ctpo-pathwise", "ddpo", "dpok", "backprop")
 
 
@@ -131,7 +132,7 @@ class TrainConfig:
                                 optional=True)
     method: str = param("em", str, "sampler", choices=("em", "ddim", "pf-euler", "pf-heun"))
     eta: float = param(1.0, float, "sampler noise (em, ddim)", ge=0.0)
-    explore: float = param(0.0, float, "exploration noise of deterministic samplers (chapter 9)", ge=0.0)
+    explore: float = param(0.0, float, "exploration noise of deterministic samplers (chapter 10)", ge=0.0)
     # objective
     beta: float | None = param(None, float, "KL weight (none: the preset's)", ge=0.0, optional=True)
     # optimisation
@@ -283,7 +284,7 @@ def validate(cfg: TrainConfig, options: Mapping[str, Param] | None = None) -> No
     if cfg.method in ("pf-euler", "pf-heun") or (cfg.method in ("em", "ddim") and cfg.eta == 0):
         if cfg.explore <= 0:
             raise ValueError(f"method={cfg.method} with eta={cfg.eta} is deterministic: its transitions have no "
-                             "density; set explore > 0 (chapter 9)")
+                             "density; set explore > 0 (chapter 10)")
 
 
 def parse_sets(items: list[str]) -> dict:

@@ -1,5 +1,5 @@
 """Evaluation of a policy: a seeded rollout summarised as J = E r - beta KL (with its standard error), the terminal
-law and, against a closed-form target, the error of the terminal mean (chapters 7-10).
+law and, against a closed-form target, the error of the terminal mean (chapters 8-11).
 """
 from __future__ import annotations
 

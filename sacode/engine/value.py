@@ -1,4 +1,4 @@
-"""Value networks V(t, x, c) in RL time and the value learner that fits them (chapter 8).
+"""Value networks V(t, x, c) in RL time and the value learner that fits them (chapter 9).
 
 * :class:`MLPValue` — a plain time-embedded MLP.
 * :class:`StructuredValue` — the design of the paper's value network:
@@ -154,6 +154,13 @@ class ValueLearner:
         self.opt = torch.optim.Adam(value.parameters(), lr=lr)
         self.value_train = value          # the network or its DDP wrapper (attach)
         self.accelerator = None
+
+    @classmethod
+    def from_config(cls, env, cfg) -> "ValueLearner":
+        """The value network ``cfg.value`` for ``env`` and its learner with the run's settings (value_lr,
+        value_epochs, value_minibatch or minibatch, max_grad_norm)."""
+        value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
+        return cls(value, cfg.value_lr, cfg.value_epochs, cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm)
 
     def attach(self, accelerator) -> None:
         """Train through accelerate (device placement, mixed precision, DDP)."""

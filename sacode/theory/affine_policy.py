@@ -1,6 +1,6 @@
-"""The affine score-action policy family on the 1-D Gaussian toys (chapter 6; theory-notes section 6.3).
+"""The affine score-action policy family on the 1-D Gaussian toys (chapter 6).
 
-On data N(m0, s0^2) the exact pretrained score is affine in x (theory-notes 6.1),
+On data N(m0, s0^2) the exact pretrained score is affine in x (chapter 5),
 
     s_pre(s, x) = -(x - alpha_s m0) / D_s,        D_s = alpha_s^2 s0^2 + sigma_s^2,
 
@@ -243,7 +243,7 @@ class AffineScoreFamily:
         """Coefficients of the exploratory SDE at RL time t: drift A x + c, noise eta^2 g^2, and the policy.
 
         dX = [-f X + (1 + eta^2)/2 g^2 mu_theta] dt + eta g dB with mu_theta = (k1 + theta1) x + (k0 + theta0),
-        so A = -f + h g^2 (k1 + theta1), c = h g^2 (k0 + theta0), h = (1 + eta^2)/2 (theory-notes 6.3 at eta = 1).
+        so A = -f + h g^2 (k1 + theta1), c = h g^2 (k0 + theta0), h = (1 + eta^2)/2 (chapter 6 at eta = 1).
         Returns (A, c, g2, theta0, theta1).
         """
         f, g2, _, _ = self.schedule.coefs(t)

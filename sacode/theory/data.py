@@ -206,7 +206,7 @@ class Gaussian(GaussianMixture):
 
 
 def ring_mixture(n_modes: int = 8, radius: float = 2.0, std: float = 0.2) -> GaussianMixture:
-    """Equal-weight isotropic Gaussians with means on a circle at angles 2 pi k / n_modes (DESIGN.md presets)."""
+    """Equal-weight isotropic Gaussians with means on a circle at angles 2 pi k / n_modes (the ring mixture of the toy presets)."""
     ang = 2 * math.pi * torch.arange(n_modes, dtype=torch.float64) / n_modes
     means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
     return GaussianMixture.isotropic(torch.full((n_modes,), 1.0 / n_modes, dtype=torch.float64), means, std)

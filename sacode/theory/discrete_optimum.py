@@ -1,11 +1,11 @@
-"""The exact optimum of the K-step fine-tuning problem on a time grid (1-D Gaussian presets; chapters 7-9).
+"""The exact optimum of the K-step fine-tuning problem on a time grid (1-D Gaussian presets; chapters 8-10).
 
 A fine-tuning algorithm that samples on a grid of K steps optimises the *discrete* objective
 
     J_K(pi) = E[ r(x_K) ] - beta sum_k E KL( pi_k(. | x_k) || p_k(. | x_k) ),
 
 where p_k(. | x) = N(A_k x + b_k, c_k^2) is the pretrained sampler's Gaussian step (Euler-Maruyama, DDIM(eta) or a
-probability-flow step with exploration noise c_k = sigma_e sqrt(h_k), chapter 9) and the policy's step
+probability-flow step with exploration noise c_k = sigma_e sqrt(h_k), chapter 10) and the policy's step
 pi_k(. | x) = N(m_k(x), c_k^2) has the *same* variance and a free mean (a score correction shifts the mean only).
 The KL of two Gaussians with a common variance is (m - m_pre)^2 / (2 c^2), which is what the engine's rollouts record.
 
@@ -23,7 +23,7 @@ evaluated on the grid (``sacode.theory.policy_eval.discrete_objective``).
 
 ``DiscreteOptimum.offsets()`` expresses the per-step optimum as a score correction theta0(t) + theta1(t) x (a
 piecewise-constant or piecewise-linear function of RL time), ready for ``AffineScoreFamily.with_offsets``: this is
-how a policy optimised on one grid is *transferred* to another grid (chapter 9).
+how a policy optimised on one grid is *transferred* to another grid (chapter 10).
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def discrete_optimum(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta:
 
 def dpok_fixed_point(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta: float = 1.0,
                      explore: float = 0.0, beta: float | None = None) -> DiscreteOptimum:
-    """The stationary policy of DPOK's update (chapter 7): per step, grad_m E[R | x_k, m] = beta grad_m KL_k.
+    """The stationary policy of DPOK's update (chapter 8): per step, grad_m E[R | x_k, m] = beta grad_m KL_k.
 
     DPOK's critic W_k(x) = E[r(x_K) | x_k = x] ignores the KL costs of later steps, and its KL gradient holds the
     state x_k fixed, so the per-step condition is the same as the optimum's with V_{k+1} replaced by W_{k+1}:

@@ -1,4 +1,4 @@
-"""Closed-form optimum of fine-tuning through the probability-flow ODE with explicit exploration (theory-notes 2.7).
+"""Closed-form optimum of fine-tuning through the probability-flow ODE with explicit exploration (chapter 10).
 
 A deterministic sampler has no transition density, so its path KL is infinite. Add Gaussian exploration to the
 state, dX = b(t, X, a) dt + sigma_e dB with the PF-ODE drift b = -f + g^2 a / 2: the "pretrained" process is then

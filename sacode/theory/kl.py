@@ -5,7 +5,7 @@ Two samplers of the eta-family in RL time, started from the same law,
     dX = [-f + (1 + eta^2)/2 g^2 s_theta] dt + eta g dB     and     the same with s_pre,
 
 share the diffusion eta g and differ in drift by Delta b = (1 + eta^2)/2 g^2 (s_theta - s_pre). Girsanov's
-theorem gives (theory-notes 2.1; Zhao et al. 2025)
+theorem gives (chapter 4; Zhao et al. 2025)
 
     KL(P^theta || P^pre) = E^theta int_0^T ||Delta b||^2 / (2 eta^2 g^2) dt
                          = ((1 + eta^2)/(2 eta))^2 E^theta int_0^T 1/2 g(T-t)^2 ||s_theta - s_pre||^2 dt,
@@ -14,11 +14,11 @@ the factor being 1 at eta = 1 and diverging like 1/(4 eta^2) as eta -> 0 (a drif
 noise). By data processing KL(p^theta_T || p^pre_T) <= KL(P^theta || P^pre).
 
 Discretely, a Gaussian sampler step with a common std_k gives the per-step KL
-||mean_theta - mean_pre||^2 / (2 std_k^2) = B_k^2 ||s_theta - s_pre||^2 / (2 std_k^2) (theory-notes 6.7):
+||mean_theta - mean_pre||^2 / (2 std_k^2) = B_k^2 ||s_theta - s_pre||^2 / (2 std_k^2) (chapter 4):
 for Euler-Maruyama this is exactly a left Riemann sum of the integral; for DDIM(eta = 1) the weight
 B_k^2/std_k^2 differs from int g^2 over the step by O(dt) and the sum converges as O(1/K).
 
-:class:`GaussianLinearExample` holds the closed forms of the running example (theory-notes 6.2): Gaussian data,
+:class:`GaussianLinearExample` holds the closed forms of the running example (chapter 5): Gaussian data,
 linear reward, the optimal score shift, its path KL and the terminal KL from the fixed prior.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..dynamics.grid import TimeGrid
 from ..dynamics.samplers import STOCHASTIC, Trajectory, get_step
 from ..dynamics.sde import VPSDE, LinearSDE, ScoreFn
 
-F64 = torch.float64
+torch.float64 = torch.float64
 
 
 def eta_factor(eta: float) -> float:
@@ -64,7 +64,7 @@ def path_kl_from_trajectory(traj: Trajectory, sde: LinearSDE, score_pre: ScoreFn
 
     Uses the recorded states x_k and scores s_theta(s_k, x_k) (``reverse_sde_sample(..., record=True)``) and
     evaluates s_pre on the same states. ``weight="exact"`` weights step k by int_{s_{k+1}}^{s_k} g^2 (the
-    code's log(abar_{k-1}/abar_k) for VP, theory-notes 2.1); ``weight="riemann"`` by g(s_k)^2 dt_k.
+    code's log(abar_{k-1}/abar_k) for VP, chapter 4); ``weight="riemann"`` by g(s_k)^2 dt_k.
     ``eta`` defaults to the trajectory's eta (the factor ((1+eta^2)/(2 eta))^2 multiplies everything).
     """
     if traj.xs is None or traj.scores is None:
@@ -163,8 +163,8 @@ def shift_per_step_kl(sde: LinearSDE, shift: Callable[[Tensor], Tensor], grid: T
 def gaussian_kl(mean_p: Tensor, cov_p: Tensor, mean_q: Tensor, cov_q: Tensor) -> float:
     """KL(N(m_p, C_p) || N(m_q, C_q)) = 1/2 [tr(C_q^{-1} C_p) + (m_q - m_p)^T C_q^{-1} (m_q - m_p) - d
     + log det C_q - log det C_p]; vectors (d,), covariances (d, d)."""
-    mp = torch.as_tensor(mean_p, dtype=F64).reshape(-1)
-    mq = torch.as_tensor(mean_q, dtype=F64).reshape(-1)
+    mp = torch.as_tensor(mean_p, dtype=torch.float64).reshape(-1)
+    mq = torch.as_tensor(mean_q, dtype=torch.float64).reshape(-1)
     d = mp.numel()
     Cp = torch.as_tensor(cov_p, dtype=torch.float64).reshape(d, d)
     Cq = torch.as_tensor(cov_q, dtype=torch.float64).reshape(d, d)
@@ -194,11 +194,11 @@ def torchsde_path_kl(exploratory_sde, x_init: Tensor, t0: float, t1: float, dt: 
 
 
 # ------------------------------------------------------------------------------------------------
-# the running example: closed forms of theory-notes 6.2
+# the running example: closed forms of chapter 5
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class GaussianLinearExample:
-    """1-D data N(m0, s0^2), VP SDE, reward r(x) = w x, KL weight beta: closed forms of theory-notes 6.1-6.2
+    """1-D data N(m0, s0^2), VP SDE, reward r(x) = w x, KL weight beta: closed forms of chapter 5
     (the running example of chapters 3-4; the general optimal control lives in :mod:`sacode.theory.optimal`).
 
     * pretrained score s_pre(s, x) = -(x - alpha m0)/D,  D = alpha^2 s0^2 + 1 - alpha^2;
@@ -226,20 +226,20 @@ class GaussianLinearExample:
                    p.beta)
 
     def a2(self, s) -> torch.Tensor:
-        return self.sde.alpha(torch.as_tensor(s, dtype=F64)) ** 2
+        return self.sde.alpha(torch.as_tensor(s, dtype=torch.float64)) ** 2
 
     def D(self, s) -> torch.Tensor:
         a2 = self.a2(s)
         return a2 * self.s0**2 + 1.0 - a2
 
     def s_pre(self, s, x: torch.Tensor) -> torch.Tensor:
-        """Exact pretrained score -(x - alpha m0)/D (theory-notes 6.1), affine in x, any event shape."""
+        """Exact pretrained score -(x - alpha m0)/D (chapter 5), affine in x, any event shape."""
         s = torch.as_tensor(s, dtype=x.dtype)
         return -(x - expand_time(self.sde.alpha(s), x) * self.m0) / expand_time(self.D(s), x)
 
     def shift(self, s) -> torch.Tensor:
-        """grad V*/beta = alpha s0^2 w / (beta D) (theory-notes 6.2), a function of s only."""
-        s = torch.as_tensor(s, dtype=F64)
+        """grad V*/beta = alpha s0^2 w / (beta D) (chapter 5), a function of s only."""
+        s = torch.as_tensor(s, dtype=torch.float64)
         return self.sde.alpha(s) * self.s0**2 * self.w / (self.beta * self.D(s))
 
     def s_opt(self, s, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Optimal fine-tuning in closed form: Cole-Hopf, the Doob h-transform, tilted laws and J* (chapter 5).
 
-The control problem of chapter 3 (theory-notes section 2.1, 2.6): in RL time t = T - s, with action a (a score),
+The control problem of chapter 3 (chapters 4, 5): in RL time t = T - s, with action a (a score),
 
     dX_t = [-f(s, X_t) + g(s)^2 a] dt + g(s) dB_t,     X_0 ~ N(0, p^2 I)   (the sampler's prior, *fixed*),
     J(a) = E[ r(X_T) - beta int_0^T 1/2 g(s)^2 ||a - s_pre(s, X_t)||^2 dt ].
@@ -142,7 +142,7 @@ def _tilt_posterior(preset: ToyPreset, post: MixturePosterior) -> tuple[Tensor, 
 # the value function, the optimal control and the optimal score
 # ------------------------------------------------------------------------------------------------
 def log_doob_h(preset: ToyPreset, t: float | Tensor, x: Tensor) -> Tensor:
-    """log h(t, x), h(t, x) = E_pre[e^{r(X_T)/beta} | X_t = x] (Doob's h, theory-notes section 2.6), shape (n,).
+    """log h(t, x), h(t, x) = E_pre[e^{r(X_T)/beta} | X_t = x] (Doob's h, chapter 5), shape (n,).
 
     Uses Law(X_T | X_t = x) = Law(X_0 | Y_s = x), s = T - t, under the exact-score pretrained sampler
     (``data.posterior``), and the closed-form Gaussian integral of each posterior component (:func:`_tilt`).

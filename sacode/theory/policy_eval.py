@@ -2,7 +2,7 @@
 
 Everything here is exact on the 1-D Gaussian toys, because the policy mean of
 :class:`~sacode.theory.affine_policy.AffineScoreFamily` is affine in x and the rewards are quadratic polynomials
-(theory-notes sections 2.2-2.5 and 6.3). RL time t in [0, T]; the exploratory SDE (eta = 1, theory-notes 1.4) is
+(chapter 6). RL time t in [0, T]; the exploratory SDE (eta = 1, chapter 3) is
 
     dX = [A(t) X + c(t)] dt + g dB,    A = -f + g^2 (k1 + theta1),  c = g^2 (k0 + theta0),   X_0 ~ N(0, p^2),
 
@@ -95,7 +95,7 @@ def _prior(family: AffineScoreFamily, mean0: float, var0: float | None) -> tuple
 
 
 def _kl_factor(eta: float) -> float:
-    """Girsanov weight of the eta-family: (1/2) ((1 + eta^2)/(2 eta))^2 (theory-notes 2.1)."""
+    """Girsanov weight of the eta-family: (1/2) ((1 + eta^2)/(2 eta))^2 (chapter 4)."""
     if eta <= 0:
         raise ValueError("the path KL of a deterministic sampler (eta = 0) is infinite; use eta > 0")
     return 0.5 * ((1.0 + eta * eta) / (2.0 * eta)) ** 2
@@ -210,7 +210,7 @@ def discrete_objective(family: AffineScoreFamily, theta, reward, beta: float, gr
 # the value function of a policy (Feynman-Kac) and the q-function
 # ------------------------------------------------------------------------------------------------
 class PolicyValue:
-    """V^theta(t, x) = p2(t) x^2 + p1(t) x + p0(t), the expected return from (t, x) under mu_theta (theory-notes 2.2).
+    """V^theta(t, x) = p2(t) x^2 + p1(t) x + p0(t), the expected return from (t, x) under mu_theta (chapter 6).
 
     It solves d_t V + (A x + c) d_x V + (1/2) g^2 d_xx V - (beta/2) g^2 (theta0 + theta1 x)^2 = 0, V(T, x) = r(x);
     matching powers of x gives the backward linear ODEs
@@ -274,7 +274,7 @@ def _g2(family: AffineScoreFamily, t) -> Tensor:
 
 def q_rate(family: AffineScoreFamily, theta, value: PolicyValue, beta: float, t, x: Tensor, a: Tensor,
            tr_sigma) -> Tensor:
-    """The q-function (advantage rate), theory-notes 2.3:
+    """The q-function (advantage rate), chapter 6:
 
         q(t, x, a) = g^2 [ grad V . (a - mu) - (beta/2)(||a - s_pre||^2 - ||mu - s_pre||^2 - tr Sigma_t) ],
 
@@ -291,7 +291,7 @@ def q_rate(family: AffineScoreFamily, theta, value: PolicyValue, beta: float, t,
 
 def advantage_rate(family: AffineScoreFamily, theta, theta_new, value: PolicyValue, beta: float, t,
                    x: Tensor) -> Tensor:
-    """A^theta(t, x; theta') = int q^theta(t, x, a) pi_theta'(da) for a common Sigma (theory-notes 2.5):
+    """A^theta(t, x; theta') = int q^theta(t, x, a) pi_theta'(da) for a common Sigma (chapter 6):
 
         g^2 [ grad V^theta . (mu' - mu) - (beta/2)(||mu' - s_pre||^2 - ||mu - s_pre||^2) ].
     x has shape (n,); t is a scalar or has shape (n,).
@@ -308,7 +308,7 @@ def advantage_rate(family: AffineScoreFamily, theta, theta_new, value: PolicyVal
 # ------------------------------------------------------------------------------------------------
 def exact_gradient(family: AffineScoreFamily, theta, reward, beta: float, value: PolicyValue | None = None
                    ) -> np.ndarray:
-    """grad_theta J by the pathwise policy-gradient theorem evaluated exactly (theory-notes 2.4):
+    """grad_theta J by the pathwise policy-gradient theorem evaluated exactly (chapter 6):
 
         grad J = E int_0^T g^2 (d mu / d theta)^T (grad V^theta - beta (mu - s_pre)) dt,
 
@@ -420,7 +420,7 @@ def _step_quantities(family: AffineScoreFamily, theta, traj: Trajectory) -> _Ste
     x, x_next = traj.xs[:-1], traj.xs[1:]
     g2 = sde.g2(s)[:, None]
     f = sde.f_coef(s)[:, None]
-    # x_{k+1} = x_k + (-f x_k + g^2 a_k) dt  =>  a_k = (x_{k+1} - x_k + f x_k dt) / (g^2 dt)   (theory-notes 1.4)
+    # x_{k+1} = x_k + (-f x_k + g^2 a_k) dt  =>  a_k = (x_{k+1} - x_k + f x_k dt) / (g^2 dt)   (chapter 3)
     a = (x_next - x + f * x * dt[:, None]) / (g2 * dt[:, None])
     th0, th1 = family.theta_functions(t, theta)
     a_s, sg = sde.alpha(s)[:, None], sde.sigma(s)[:, None]
@@ -442,12 +442,12 @@ def likelihood_ratio_gradient(family: AffineScoreFamily, theta, traj: Trajectory
     """Likelihood-ratio estimator sum_k grad_theta log pi(a_k | t_k, x_k) (q dt)_k, averaged over trajectories.
 
     The Euler-Maruyama step is the score-action policy pi = N(mu_theta, Sigma_k), Sigma_k = 1/(g^2 dt_k), with no
-    extra noise (theory-notes 1.4): a_k is recovered from (x_k, x_{k+1}) and
+    extra noise (chapter 3): a_k is recovered from (x_k, x_{k+1}) and
     grad log pi = Sigma^{-1}(a - mu) d mu/d theta = g^2 dt (a - mu) d mu/d theta. The running reward is centred,
     r_k dt = -(beta/2) g^2 dt (||a_k - s_pre||^2 - Sigma_k) (its mean over a is -beta KL_k). Choices of (q dt)_k:
 
     * ``"exact"``:  q(t_k, x_k, a_k) dt with the closed-form q of :func:`q_rate` (needs only grad V);
-    * ``"td"``:     V(t_{k+1}, x_{k+1}) - V(t_k, x_k) + r_k dt (the TD form, theory-notes 2.3);
+    * ``"td"``:     V(t_{k+1}, x_{k+1}) - V(t_k, x_k) + r_k dt (the TD form, chapter 6);
     * ``"return"``: reward-to-go minus the baseline V(t_k, x_k) (REINFORCE; needs ``reward``).
 
     All three have the same limit as the grid is refined; their exact means on a grid are in
@@ -548,7 +548,7 @@ def sample_returns(family: AffineScoreFamily, theta, reward, beta: float, grid: 
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class PerformanceDifference:
-    """Exact performance-difference quantities for theta -> theta' (theory-notes 2.5, corrected).
+    """Exact performance-difference quantities for theta -> theta' (chapter 6, with corrected bounds).
 
     difference      J(theta') - J(theta) from two objective solves
     pdl             E^{theta'} int A^theta(t, X_t; theta') dt (the performance-difference formula)
@@ -556,7 +556,7 @@ class PerformanceDifference:
     kl_path         KL(P^theta' || P^theta) = E^theta' int (1/2) g^2 (mu' - mu)^2 dt
     bound_marginal  int sqrt(2 (E' A_t^2 + E A_t^2) KL(p'_t || p_t)) dt      (marginal laws p_t, p'_t at time t)
     bound_path      sqrt(2 KL_path) int sqrt(E' A_t^2 + E A_t^2) dt          (>= bound_marginal)
-    bound_sup       T sup_{t, x} |A| sqrt(2 KL_path): the notes' bound, +inf unless A is constant in x
+    bound_sup       T sup_{t, x} |A| sqrt(2 KL_path): the sup-norm bound, +inf unless A is constant in x
     """
 
     j_old: float
@@ -726,7 +726,7 @@ def path_kl(family: AffineScoreFamily, theta_p, theta_q) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# the optimal control inside the affine family (Doob h-transform, theory-notes 2.6 / 6.2 / 6.4)
+# the optimal control inside the affine family (Doob h-transform, chapter 5)
 # ------------------------------------------------------------------------------------------------
 def _posterior_gain(family: AffineScoreFamily, t):
     """(alpha, G, v_post) at RL time t: E[Y_0 | Y_s = x] = m0 + G (x - alpha m0), Var = v_post (s = T - t)."""
@@ -759,7 +759,7 @@ def optimal_value_coefficients(family: AffineScoreFamily, reward, beta: float, t
 def optimal_affine_control(family: AffineScoreFamily, reward, beta: float):
     """(theta0*, theta1*) as functions of RL time: a* - s_pre = grad V*/beta = theta1* x + theta0*.
 
-    Linear reward: theta0* = alpha s0^2 w / (beta D), theta1* = 0 (theory-notes 6.2). Quadratic reward: both nonzero;
+    Linear reward: theta0* = alpha s0^2 w / (beta D), theta1* = 0 (chapter 5). Quadratic reward: both nonzero;
     a* equals the noised tilted score exactly (Z p~_s / p_s is the h-function), for every t.
     """
     def th0(t):

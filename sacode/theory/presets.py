@@ -1,4 +1,4 @@
-"""The toy presets of DESIGN.md, with exact parameters.
+"""The toy presets, with exact parameters (the book's appendix "How sacode is built" lists them too).
 
 VP SDE with b(s) = b_min + (b_max - b_min) s / T, T = 1; the reverse sampler starts from N(0, I).
 

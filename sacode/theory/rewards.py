@@ -1,7 +1,7 @@
 """Terminal rewards r(x) for the toy presets (protocol: x of shape (n, *event) -> tensor of shape (n,)).
 
 Both are closed-form friendly: a linear reward tilts a Gaussian into a shifted Gaussian, a quadratic one
-into a Gaussian with smaller variance (theory-notes section 6.2 and 6.4).
+into a Gaussian with smaller variance (chapter 5).
 """
 from __future__ import annotations
 

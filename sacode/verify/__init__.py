@@ -23,6 +23,9 @@ CHECK_MODULES = [
 Z = 4.0
 """Number of Monte-Carlo standard errors a statistical check allows (two-sided p ~ 6e-5 per check)."""
 
+EPS = 2.0**-52
+"""float64 machine epsilon (the unit of the rounding budgets of exact checks)."""
+
 
 @dataclass
 class CheckResult:

@@ -1,6 +1,6 @@
 """Checks of chapters 3-4: sampler steps as score-action policies, the Girsanov path KL, data processing.
 
-Running example (theory-notes 6.2): data N(m0, s0^2) under the VP SDE of ``gauss1d-linear`` (b in [0.1, 20]) or
+Running example (chapter 5): data N(m0, s0^2) under the VP SDE of ``gauss1d-linear`` (b in [0.1, 20]) or
 ``gauss1d-linear-short`` (b in [0.1, 2]), reward r(x) = w x, KL weight beta. The optimal control is the score shift
 
     a*(t, x) - s_pre(s, x) = grad V*/beta = alpha_s s0^2 w / (beta D_s),   D_s = alpha_s^2 s0^2 + 1 - alpha_s^2,
@@ -40,10 +40,9 @@ from ..theory.kl import (GaussianLinearExample, discrete_path_kl, gaussian_kl, p
 from ..theory.presets import toy_preset
 from ..dynamics.grid import TimeGrid
 from ..dynamics.samplers import propagate_gaussian, reverse_sde_sample
-from . import Z, CheckResult, check
+from . import EPS, Z, CheckResult, check
 
 F64 = torch.float64
-EPS = float(np.finfo(np.float64).eps)
 S_END = 1e-3          # grids end at s = 1e-3: DDIM's step into s = 0 is deterministic (infinite step KL)
 
 
@@ -109,7 +108,7 @@ def step_policy_density():
 
     a_k = (x_{k+1} - A_k x_k)/B_k, pi = N(score, (std_k/B_k)^2 I). Exact algebra, so the tolerance is float64
     rounding: 1e-12 relative to max(1, |log p|) (observed ~1e-13). Also: the em(eta=1) policy std is
-    1/(g sqrt(dt)) (theory-notes 1.4), and A_k x + B_k score reproduces the sampler's recorded mean.
+    1/(g sqrt(dt)) (chapter 3), and A_k x + B_k score reproduces the sampler's recorded mean.
     """
     out = []
     toy = GaussianLinearExample.from_preset("gauss1d-linear")

@@ -21,9 +21,8 @@ from ..theory.optimal import (discrete_gaussian_objective, hjb_residual, mode_mi
                        optimal_path_kl_rate, sample_optimal, sample_optimal_coupled)
 from ..theory.presets import TOY_PRESETS, ToyPreset, toy_preset
 from ..dynamics.grid import TimeGrid
-from . import Z, CheckResult, check
+from . import EPS, Z, CheckResult, check
 
-EPS = torch.finfo(torch.float64).eps
 ROUNDING_ULPS = 2**12
 """Rounding budget of the deterministic checks: 4096 ulps of the largest term (each quantity is a chain of
 ~100 float64 operations -- eigen-rotations, log-sum-exp, two autograd passes -- whose rounding errors add up to

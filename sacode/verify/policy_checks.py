@@ -178,7 +178,7 @@ def policy_gradient():
 def policy_performance_difference():
     """J(theta') - J(theta) = E^theta' int A^theta dt (exact), and |J(theta') - L_theta(theta')| <= bound.
 
-    Bounds (corrected, theory-notes 2.5): marginal int sqrt(2 (E'A^2 + E A^2) KL(p'_t||p_t)) dt and path
+    Bounds (corrected, chapter 6): marginal int sqrt(2 (E'A^2 + E A^2) KL(p'_t||p_t)) dt and path
     sqrt(2 KL(P'||P)) int sqrt(E'A^2 + E A^2) dt. A row passes when the local-approximation error is <= the bound.
     """
     out = []

@@ -1,4 +1,4 @@
-"""Images on a laptop (chapter 10): a small pretrained UNet score model on scikit-learn's 8x8 digits, a digit
+"""Images on a laptop (chapter 11): a small pretrained UNet score model on scikit-learn's 8x8 digits, a digit
 classifier, image rewards, sample-quality metrics and the fine-tuning task for the engine.
 
 Modules: :mod:`.data` (the digits in [-1, 1], a fixed train / held-out split), :mod:`.unet` (the score model),

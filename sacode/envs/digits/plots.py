@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def image_grid(x: Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+def digit_grid(x: Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     """Tile images (n, 1, 8, 8) in [-1, 1] into one array (values clipped, padding = paper, -1)."""
     x = x.detach().float().clamp(-1, 1)[:, 0].cpu().numpy()
     n = x.shape[0]
@@ -24,7 +24,7 @@ def image_grid(x: Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
 
 def show_grid(ax, x: Tensor, nrow: int = 8, title: str | None = None) -> None:
     """Draw an image grid on a matplotlib axis."""
-    ax.imshow(image_grid(x, nrow), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+    ax.imshow(digit_grid(x, nrow), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)

@@ -1,4 +1,4 @@
-"""The committed pretrained models of chapter 10 and how to rebuild them from their seeds.
+"""The committed pretrained models of chapter 11 and how to rebuild them from their seeds.
 
 * ``python -m sacode pretrain digits-classifier`` trains :class:`~sacode.envs.digits.classifier.DigitClassifier` and writes
   ``sacode/envs/digits/checkpoints/digits-classifier.{pt,json}`` (command, seed, epochs, loss, accuracies).
@@ -29,9 +29,9 @@ from .classifier import DigitClassifier, accuracy, train_classifier
 from .data import digits
 from .unet import DigitsScoreModel, n_params
 
-CKPT_DIR = Path(__file__).resolve().parent / "checkpoints"
-UNET_PT, UNET_JSON = CKPT_DIR / "digits-unet.pt", CKPT_DIR / "digits-unet.json"
-CLF_PT, CLF_JSON = CKPT_DIR / "digits-classifier.pt", CKPT_DIR / "digits-classifier.json"
+DIGITS_CKPT_DIR = Path(__file__).resolve().parent / "checkpoints"
+UNET_PT, UNET_JSON = DIGITS_CKPT_DIR / "digits-unet.pt", DIGITS_CKPT_DIR / "digits-unet.json"
+CLF_PT, CLF_JSON = DIGITS_CKPT_DIR / "digits-classifier.pt", DIGITS_CKPT_DIR / "digits-classifier.json"
 
 DIGITS_SDE = VPSDE(0.1, 20.0, 1.0)
 UNET_ARCH = dict(ch=32, ch2=64, t_dim=128, attention=False)
@@ -102,7 +102,7 @@ def pretrain_classifier() -> dict:
            "params": n_params(model), "final_loss": log[-1]["loss"], "train_accuracy": accuracy(model, x, y),
            "heldout_accuracy": accuracy(model, xh, yh), "n_train": int(x.shape[0]), "n_heldout": int(xh.shape[0]),
            "wall_s": time.perf_counter() - t0, "torch": torch.__version__}
-    CKPT_DIR.mkdir(exist_ok=True)
+    DIGITS_CKPT_DIR.mkdir(exist_ok=True)
     torch.save(model.state_dict(), CLF_PT)
     CLF_JSON.write_text(json.dumps(rec, indent=1))
     load_classifier.cache_clear()
@@ -191,11 +191,11 @@ def pretrain_digits(steps: int | None = None, progress_path: Path | None = None)
     if not CLF_PT.exists():
         raise _missing(CLF_PT, "digits-classifier")
     t0 = time.perf_counter()
-    model, log, cfg = train_unet(steps, progress_path, snapshot=CKPT_DIR / "digits-unet.partial.pt")
+    model, log, cfg = train_unet(steps, progress_path, snapshot=DIGITS_CKPT_DIR / "digits-unet.partial.pt")
     wall = time.perf_counter() - t0
-    CKPT_DIR.mkdir(exist_ok=True)
+    DIGITS_CKPT_DIR.mkdir(exist_ok=True)
     torch.save(model.state_dict(), UNET_PT)
-    (CKPT_DIR / "digits-unet.partial.pt").unlink(missing_ok=True)
+    (DIGITS_CKPT_DIR / "digits-unet.partial.pt").unlink(missing_ok=True)
     load_score_model.cache_clear()
     rec = {"command": "python -m sacode pretrain digits", "sde": repr(DIGITS_SDE), "arch": UNET_ARCH,
            "params": n_params(model), "train": cfg, "final_loss": log[-1]["loss"],

@@ -1,4 +1,4 @@
-"""Rewards for generated digits, in the protocol shared with Stable Diffusion (chapter 11):
+"""Rewards for generated digits, in the protocol shared with Stable Diffusion (chapter 12):
 
     reward(x, cond) -> Tensor of shape (n,)     for images x of shape (n, 1, 8, 8) in [-1, 1] and per-sample conditions.
 
@@ -39,7 +39,7 @@ class ClassLogProb:
     """r(x, c) = log p(y = c | x) under the digit classifier.
 
     With KL weight beta = 1 the optimally fine-tuned law p_pre(x) e^{r(x)/beta} / Z is p_pre(x) p(c | x) / p(c),
-    i.e. the class-conditional law of the pretrained model; J* = log E_pre[p(c | X)] (chapter 10).
+    i.e. the class-conditional law of the pretrained model; J* = log E_pre[p(c | X)] (chapter 11).
     """
 
     differentiable = True

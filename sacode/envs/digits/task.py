@@ -1,4 +1,4 @@
-"""The digits environment, policy and presets of the fine-tuning engine (chapter 10).
+"""The digits environment, policy and presets of the fine-tuning engine (chapter 11).
 
 Environment: the VP SDE of the pretrained UNet, initial law N(0, I), no conditions (the target digit is part of the
 preset), the committed UNet as s_pre (memoised, :mod:`.score_cache`) and one of the rewards of :mod:`.rewards`.

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.5 with LoRA on the fine-tuning engine (chapter 11).
+"""Stable Diffusion v1.5 with LoRA on the fine-tuning engine (chapter 12).
 
 * :mod:`sacode.envs.sd.schedule` — a diffusers scheduler as a linear SDE; timesteps <-> diffusion time (the one place).
 * :mod:`sacode.envs.sd.env` — a ``StableDiffusionPipeline`` as an engine environment (latents, prompts, guided score).

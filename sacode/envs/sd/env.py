@@ -1,4 +1,4 @@
-"""A diffusers ``StableDiffusionPipeline`` as an environment of the fine-tuning engine (chapter 11).
+"""A diffusers ``StableDiffusionPipeline`` as an environment of the fine-tuning engine (chapter 12).
 
 ================================  ======================================================================
 engine (theory)                   Stable Diffusion (diffusers)

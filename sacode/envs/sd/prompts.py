@@ -1,6 +1,6 @@
 """Prompt sets: the conditions c of the text-to-image environment.
 
-* ``unicorn`` — the single prompt of the paper's ImageReward run (theory-notes section 3.1).
+* ``unicorn`` — the single prompt of the paper's ImageReward run (chapter 12).
 * ``animals`` — common animal names, the kind of prompt set DDPO used for its compressibility and aesthetic runs
   (this list is ours, not DDPO's file).
 * any other string — a single literal prompt; ``file:PATH`` — one prompt per line of a text file.

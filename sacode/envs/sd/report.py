@@ -1,4 +1,4 @@
-"""Turn finished Stable Diffusion runs into the small result files chapter 11 reads (figures/sd-*).
+"""Turn finished Stable Diffusion runs into the small result files chapter 12 reads (figures/sd-*).
 
 ``python -m sacode.envs.sd.report RUN_DIR [RUN_DIR ...] [--out figures]`` writes, for each run directory of
 ``python -m sacode train sd15-...``, ``figures/sd-run-PRESET-ALGO.json`` (the config, the summary, the per-iteration

@@ -7,7 +7,7 @@ SDE in diffusion time s in [0, T = 1]:
     s(tau) = (tau + 1) / N,          knots  s_0 = 0 (abar = 1, clean data),  s_{tau+1} = s(tau) (abar_tau),
 
 with log abar interpolated linearly between knots. Between knots the noise rate b(s) = -d log abar / ds is
-constant, so this is the VP SDE dX = -b(s)/2 X ds + sqrt(b(s)) dW (theory-notes section 1.2) with a
+constant, so this is the VP SDE dX = -b(s)/2 X ds + sqrt(b(s)) dW (chapter 1) with a
 piecewise-constant b; on interval tau, b = -N log(1 - beta_tau) ~ N beta_tau, the familiar continuum limit.
 alpha(s) = sqrt(abar(s)), sigma(s) = sqrt(1 - abar(s)), and the score of the eps-parametrised UNet is
 

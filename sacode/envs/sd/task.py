@@ -1,14 +1,14 @@
-"""Stable Diffusion presets of ``python -m sacode train`` (chapter 11).
+"""Stable Diffusion presets of ``python -m sacode train`` (chapter 12).
 
 =============================  ====================================================================================
 ``sd15-compressibility``       SD v1.5 + LoRA, JPEG compressibility, animal prompts (DDPO's first task)
 ``sd15-aesthetic``             SD v1.5 + LoRA, LAION aesthetic score, animal prompts
-``sd15-imagereward``           SD v1.5 + LoRA, ImageReward, the paper's single unicorn prompt (theory-notes 3.1)
+``sd15-imagereward``           SD v1.5 + LoRA, ImageReward, the paper's single unicorn prompt (chapter 12)
 ``sd-tiny-compressibility``    the same code on a tiny random pipeline built locally: runs on a laptop CPU
 =============================  ====================================================================================
 
 The ``full`` profile of the sd15 presets is the paper's per-GPU setting (50 DDIM steps with eta = 1, guidance 7,
-LoRA rank 4, AdamW, 100 epochs; theory-notes 3.1 and 3.4); ``ci`` and ``class`` are short smoke runs. The model is
+LoRA rank 4, AdamW, 100 epochs; chapter 12); ``ci`` and ``class`` are short smoke runs. The model is
 ``--set model=PATH_OR_HUB_ID``, else ``$SACODE_SD_MODEL``, else the hub id ``runwayml/stable-diffusion-v1-5``, always
 loaded with ``local_files_only`` unless ``--set allow_download=true``. Multi-GPU: ``accelerate launch -m sacode train
 sd15-... --profile full`` (one process per GPU; batch sizes are per process).
@@ -70,7 +70,7 @@ SD_OPTIONS: dict[str, Param] = {
 # over 100 epochs; here one iteration is one batch of 64 (same samples per optimiser step, same total: 200 x 64 =
 # 100 x 128). Log-densities are summed over the d = 4*64*64 latent dimensions (chapter 3), so the paper's clip ranges
 # on per-dimension mean log-densities become d * eps: for the small changes PPO allows, exp(d * dl) - 1 ~ d * dl
-# (chapter 11).
+# (chapter 12).
 LATENT_DIM_512 = 4 * 64 * 64
 SD15_CTPO = dict(iterations=200, batch=64, lr=5e-5, weight_decay=1e-4, clip=LATENT_DIM_512 * 1.5e-5,
                  minibatch=64 * 50, micro_batch=4, adv_norm="step", value_lr=1e-4, value_epochs=1, value_minibatch=100)
@@ -89,7 +89,7 @@ SD15_CONFIG = ConfigTable(
               "full": dict(eval_batch=64, checkpoint_every=10, eval_every=20)},    # every 20 x 64 = 1280 images/GPU
 )
 # the tiny random pipeline: a random network barely controls its images through attention alone (its only attention
-# layers sit at the 2x2 latent level), so the tiny presets also adapt conv_out; see chapter 11
+# layers sit at the 2x2 latent level), so the tiny presets also adapt conv_out; see chapter 12
 SD_TINY_CONFIG = ConfigTable(
     task=SD_COMMON | dict(lr=3e-2, value_lr=1e-3, clip=0.2, adv_norm="step", value_epochs=2, minibatch=160, K=5,
                           checkpoint_every=5, model="tiny", resolution=32, guidance=3.0, decode_batch=64,
@@ -158,7 +158,7 @@ class SDTask(Task):
     # ----- per-epoch hooks (engine/trainer.py) ---------------------------------------------------------------
     def on_iteration(self, trainer, batch) -> dict:
         """Image grid of this epoch's samples; rewards at other step counts every ``eval_every`` epochs (the
-        discretisation-robustness protocol of theory-notes 3.5)."""
+        discretisation-robustness protocol of chapter 12)."""
         opt, rec = self.cfg.options, {}
         it = trainer.iteration
         every = int(opt["eval_every"])
@@ -234,7 +234,7 @@ def resolve_model(option: str, tiny: bool = False) -> str:
 def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"):
     """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), or the
-    tiny random pipeline for ``model="tiny"`` (built locally, sacode/sd/tiny.py). No safety checker."""
+    tiny random pipeline for ``model="tiny"`` (built locally, sacode/envs/sd/tiny.py). No safety checker."""
     from diffusers import StableDiffusionPipeline
 
     if model == "tiny":

@@ -6,7 +6,7 @@ Stable Diffusion's downsampling factor 8 and 4 latent channels, and SD v1.5's DD
 (scaled-linear betas 0.00085 -> 0.012, 1000 steps, ``set_alpha_to_one=False``, ``steps_offset=1``). Its weights are
 random (seeded), so its images are noise-like: it exercises every code path of the real run, not image quality.
 The pipeline is saved with ``save_pretrained`` and always loaded back through ``from_pretrained``, the same path as
-the real weights (recipe: reference/environment.md section 2).
+the real weights.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The learned branch of the structured value network at Stable Diffusion scale (theory-notes section 4).
+"""The learned branch of the structured value network at Stable Diffusion scale (chapter 9).
 
 The engine's :class:`sacode.engine.value.StructuredValue` computes
 

@@ -17,7 +17,7 @@ from ...theory.dsm import train_dsm
 from ...engine.nets import ScoreMLP
 from ...theory.presets import TOY_PRESETS, ToyPreset, toy_preset
 
-CKPT_DIR = Path(__file__).parent / "checkpoints"
+TOY_CKPT_DIR = Path(__file__).parent / "checkpoints"
 TRAIN = dict(steps=4000, batch=512, lr=2e-3, hidden=128, depth=3, seed=0)
 
 
@@ -43,15 +43,15 @@ def pretrain_toy(preset: ToyPreset, progress: bool = True) -> dict:
     rec = {"key": key, "command": "python -m sacode pretrain toys", "train": TRAIN, "sde": repr(preset.sde),
            "data": repr(data), "final_loss": log[-1]["loss"], "wall_s": time.perf_counter() - t0,
            "torch": torch.__version__}
-    CKPT_DIR.mkdir(exist_ok=True)
-    torch.save({k: v.float() for k, v in model.state_dict().items()}, CKPT_DIR / f"toy-{key}.pt")
-    (CKPT_DIR / f"toy-{key}.json").write_text(json.dumps(rec, indent=1))
+    TOY_CKPT_DIR.mkdir(exist_ok=True)
+    torch.save({k: v.float() for k, v in model.state_dict().items()}, TOY_CKPT_DIR / f"toy-{key}.pt")
+    (TOY_CKPT_DIR / f"toy-{key}.json").write_text(json.dumps(rec, indent=1))
     return rec
 
 
 def load_toy_score(preset: ToyPreset) -> ScoreMLP:
     """The committed DSM-trained score model for ``preset`` (float64, eval mode, frozen)."""
-    path = CKPT_DIR / f"toy-{toy_key(preset)}.pt"
+    path = TOY_CKPT_DIR / f"toy-{toy_key(preset)}.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; create it with `python -m sacode pretrain toys`")
     model = _arch(preset)
