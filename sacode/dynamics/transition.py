@@ -25,7 +25,8 @@ class Transition:
     Args:
         sde: the forward SDE.
         method, eta: the sampler and its noise level.
-        explore: state exploration noise for deterministic samplers (std explore sqrt(h)).
+        explore: state exploration noise for deterministic samplers (std explore sqrt(h)); a stochastic sampler keeps
+            its own noise and ignores it.
         action_std: Gaussian action exploration a ~ N(score, action_std^2 I) (a number or a function of RL time);
             the policy-Euler step of chapter 3.
         brownian: keep the sampler's own noise (False: the noiseless Euler step with sampled actions, chapter 3).
@@ -39,6 +40,7 @@ class Transition:
         self.action_std, self.brownian = action_std, bool(brownian)
         own_noise = STOCHASTIC[method] and self.eta > 0 and self.brownian
         self.deterministic = not own_noise
+        self._state_noise = self.explore if self.deterministic else 0.0
         if self.deterministic and self.explore <= 0 and not (callable(action_std) or float(action_std) > 0):
             raise ValueError(f"sampler {method!r} with eta={eta} is deterministic: its transitions have no density. "
                              f"Set an exploration noise (explore > 0) to fine-tune through it (chapter 10).")
@@ -51,7 +53,7 @@ class Transition:
         """Mean (like x) and std (n,) of x_{k+1} given x_k = x, with the action score_fn(s_cur, x)."""
         s, sn = as_time(s_cur, x), as_time(s_next, x)
         if self.method in AFFINE_METHODS:
-            st = gaussian_step(self.sde, s, sn, self.method, self.eta, self.explore, self.action_std, self.brownian)
+            st = gaussian_step(self.sde, s, sn, self.method, self.eta, self._state_noise, self.action_std, self.brownian)
             mean, std = st.mean(x, score_fn(s, x)), st.std
         else:
             mean = pf_heun_step(self.sde, score_fn, x, s, sn).mean
