@@ -53,7 +53,7 @@ book: $(STAMP)
 
 # The browser tests (pytest marker `browser`) of the built book and of `make lab`. They need Chromium and its
 # driver (Debian: apt-get install chromium chromium-driver) and skip with a message without them.
-$(BOOK_HTML): $(NB_SRC) $(wildcard book/*.md book/*.yml book/*.bib book/_static/*) | $(STAMP)
+$(BOOK_HTML): $(NB_SRC) $(wildcard book/*.md book/*.yml book/*.bib book/_static/* figures/*) $(shell find sacode -name "*.py") | $(STAMP)
 	$(MAKE) book
 
 check-book: $(BOOK_HTML) | $(STAMP)
