@@ -506,9 +506,21 @@ def _reassemble(d: Directive) -> str:
     return f"```{{{d.name}}} {d.argument}".rstrip() + "\n" + opts + (d.body or "") + "\n```"
 
 
+_NOTES = {
+    "student": "> *Exercise handout, generated from the book's chapter: run the cells from the top. Each exercise "
+               "is followed by an empty cell for your answer; add code cells below it as you need.*",
+    "instructor": "> *Instructor version of the exercise handout: each exercise is followed by its solution.*",
+}
+
+
 def _finish(nb: dict, cells: list, version: str) -> dict:
     meta = {k: v for k, v in nb.get("metadata", {}).items() if k != "jupytext"}
     meta["sacode"] = {"handout": version}
+    if meta.get("kernelspec", {}).get("name") == "python3":
+        meta["kernelspec"] = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+    if cells and cells[0]["cell_type"] == "markdown" and cells[0]["source"].startswith("# "):
+        title, _, rest = cells[0]["source"].partition("\n")
+        cells = [{**cells[0], "source": f"{title}\n\n{_NOTES[version]}\n{rest}"}] + cells[1:]
     out_cells, seen = [], set()
     for i, cell in enumerate(cells):
         cell = dict(cell)
