@@ -16,7 +16,9 @@ For every page of the table of contents, served from a local HTTP server on loop
 
 A per-page report (page, overflowing display equations, inline formulas, code inputs, outputs, tables,
 with each equation's label or first characters) is printed and written to _build/check-book/report.txt.
-The search page is checked too: a search result's snippet shows readable text, not TeX source.
+The search page is checked too: a search result's snippet shows readable text, not TeX source. And the
+header of every chapter has the repository, issue, download (.md and .ipynb) and Binder buttons (no browser
+needed for that one).
 """
 from __future__ import annotations
 
@@ -287,3 +289,22 @@ def test_search_snippets_are_readable(book):
     readable = drv.execute_script("return window.sacodeReadableTeX(arguments[0])",
                                   r"\(\mathcal N(0.5, 0.8^2) \le \tfrac{1}{2}\beta\)")
     assert readable == "N(0.5, 0.8^2) ≤ (1)/(2)β", readable
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.startswith("notebooks/")])
+def test_chapter_header_has_repository_download_and_launch_buttons(page):
+    import re
+
+    if not (HTML / page).is_file():
+        pytest.skip(f"the book is not built ({HTML / page} is missing): run `make book`")
+    html = (HTML / page).read_text()
+    repo = "https://github.com/sacode-book/sacode"
+    stem = Path(page).stem
+    assert f'href="{repo}"' in html, "no repository button"
+    assert f'href="{repo}/issues/new?' in html, "no issues button"
+    binder = f"https://mybinder.org/v2/gh/sacode-book/sacode/main?urlpath=lab/tree/notebooks/{stem}.md"
+    assert f'href="{binder}"' in html, "no Binder button for the chapter"
+    for ext in (".md", ".ipynb"):
+        m = re.search(r'href="([^"]*_sources/notebooks/' + re.escape(stem + ext) + ')"', html)
+        assert m, f"no download button for the {ext} file"
+        assert (HTML / "_sources" / "notebooks" / f"{stem}{ext}").is_file(), f"the {ext} download is missing"

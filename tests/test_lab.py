@@ -29,6 +29,8 @@ import pytest
 
 requests = pytest.importorskip("requests")
 nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("jupyterlab")
+pytest.importorskip("jupytext")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9]*.md"))
