@@ -2,7 +2,8 @@
 
 * ``@pytest.mark.slow`` tests are skipped unless ``--run-slow`` is given.
 * ``@pytest.mark.gpu`` tests run only with ``--run-gpu`` *and* when ``torch.cuda.is_available()``.
-  (Both markers are declared in pyproject.toml.)
+* ``@pytest.mark.browser`` tests (a real Chromium, see tests/browser_support.py) run only with
+  ``--run-browser``; ``make check-book`` runs them. (The markers are declared in pyproject.toml.)
 * Everything is float64 and seeded: use the ``gen`` fixture (a seeded ``torch.Generator``) or
   :func:`make_gen`, and :func:`f64` to build float64 tensors (the default dtype is left alone, so library
   code is exercised under the float32 default that users have).
@@ -47,11 +48,15 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
     parser.addoption("--run-gpu", action="store_true", default=False,
                      help="run tests marked gpu (needs CUDA as well)")
+    parser.addoption("--run-browser", action="store_true", default=False,
+                     help="run tests marked browser (needs chromium and chromium-driver)")
 
 
 def pytest_collection_modifyitems(config, items):
     run_slow = config.getoption("--run-slow")
     run_gpu = config.getoption("--run-gpu")
+    run_browser = config.getoption("--run-browser")
+    skip_browser = pytest.mark.skip(reason="browser test: pass --run-browser (or run `make check-book`)")
     cuda = torch.cuda.is_available()
     skip_slow = pytest.mark.skip(reason="slow test: pass --run-slow to run it")
     if not run_gpu:
@@ -65,6 +70,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and skip_gpu is not None:
             item.add_marker(skip_gpu)
+        if "browser" in item.keywords and not run_browser:
+            item.add_marker(skip_browser)
 
 
 @pytest.fixture
