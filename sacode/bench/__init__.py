@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from ..profiles import profile
     prof = args.profile or profile()
+    if not args.name.startswith("sd-"):
+        # the toy and digits benchmarks are many small tensor operations: on a shared 2-core machine a second
+        # intra-op thread only adds contention (measured: up to 10x slower under load), as in `verify` and the tests
+        import torch
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
     res = _resolve(BENCHMARKS[args.name])(profile=prof, seeds=args.seeds,
                                           presets=args.presets.split(",") if args.presets else None,
