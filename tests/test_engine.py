@@ -114,3 +114,18 @@ def test_cli_train_and_resume(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sacode", "train", "gauss1d-linear", "--set", "nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown config key 'nope'" in r.stderr
+
+
+def test_loading_pretrained_models_does_not_consume_the_global_rng():
+    """A run's result must not depend on whether a pretrained model was loaded earlier in the process."""
+    from sacode.envs.digits.pretrain import load_classifier, load_score_model
+    from sacode.envs.toys.pretrained import load_toy_score
+    from sacode.theory.presets import toy_preset
+
+    load_score_model.cache_clear()
+    load_classifier.cache_clear()
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    load_score_model(), load_classifier(), load_toy_score(toy_preset("gauss1d-linear"))
+    assert torch.equal(torch.rand(3), before)

@@ -56,7 +56,8 @@ def load_classifier() -> DigitClassifier:
     """The committed digit classifier (float32, eval mode, frozen)."""
     if not CLF_PT.exists():
         raise _missing(CLF_PT, "digits-classifier")
-    m = DigitClassifier()
+    with torch.random.fork_rng():         # building the module must not consume the caller's random numbers
+        m = DigitClassifier()
     m.load_state_dict(torch.load(CLF_PT, weights_only=True))
     m.eval()
     for p in m.parameters():
@@ -69,7 +70,8 @@ def load_score_model() -> DigitsScoreModel:
     """The committed pretrained UNet score model (float32, eval mode, frozen)."""
     if not UNET_PT.exists():
         raise _missing(UNET_PT, "digits")
-    m = DigitsScoreModel(DIGITS_SDE, **UNET_ARCH)
+    with torch.random.fork_rng():         # building the module must not consume the caller's random numbers (so a
+        m = DigitsScoreModel(DIGITS_SDE, **UNET_ARCH)     # run does not depend on whether it was loaded before)
     m.load_state_dict(torch.load(UNET_PT, weights_only=True))
     m.eval()
     for p in m.parameters():

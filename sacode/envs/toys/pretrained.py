@@ -54,7 +54,8 @@ def load_toy_score(preset: ToyPreset) -> ScoreMLP:
     path = TOY_CKPT_DIR / f"toy-{toy_key(preset)}.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; create it with `python -m sacode pretrain toys`")
-    model = _arch(preset)
+    with torch.random.fork_rng():         # building the module must not consume the caller's random numbers
+        model = _arch(preset)
     model.load_state_dict(torch.load(path, weights_only=True))
     model = model.double().eval()
     for p in model.parameters():
