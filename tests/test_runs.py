@@ -188,6 +188,25 @@ def test_failed_checkpoint_write_keeps_the_previous_and_resume_is_exact(tmp_path
     assert strip_wall(tmp_path / "a" / "metrics.jsonl") == strip_wall(tmp_path / "b" / "metrics.jsonl")
 
 
+def test_a_file_size_limit_gives_one_line_and_leaves_no_partial_file(tmp_path, capsys):
+    """The issue's `ulimit -f` case in a real process: the checkpoint write fails with EFBIG; the run stops with
+    one line (rc 2), no partial checkpoint is left, and --resume says there is nothing to resume from."""
+    import resource
+
+    run = tmp_path / "run"
+    limit = 8000                                    # bytes: config and metrics fit, a checkpoint (~18 kB) does not
+    cmd = [sys.executable, "-m", "sacode", "train", "gauss1d-linear", "--algo", "ddpo", "--profile", "ci", "--out",
+           str(run), "--no-progress", *sets(SMALL | {"iterations": 8, "checkpoint_every": 4})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    msg = one_line_error(r.stderr)
+    assert r.returncode == 2 and f"could not write {run / 'checkpoint.pt'} at iteration 4" in msg, r.stderr
+    assert "File too large" in msg and "--overwrite" in msg
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]       # nothing partial
+    rc, _, err = cli(capsys, "--resume", run)
+    assert rc == 2 and "stopped before its first checkpoint" in one_line_error(err)
+
+
 def test_save_checkpoint_keeps_the_previous_one(tmp_path):
     for it in (1, 2, 3):
         save_checkpoint({"iteration": it}, tmp_path / "checkpoint.pt")

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"{e}; continue with: python -m sacode train --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:                           # a second Ctrl-C: stopped at once, mid-iteration
+        where = (f"; continue from its last checkpoint with: python -m sacode train --resume {out}"
+                 if out is not None and (out / "checkpoint.pt").exists() else "; no checkpoint was written")
+        print(f"interrupted at once (second Ctrl-C){where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -82,6 +82,9 @@ def clear_run(out: str | Path, artifacts: tuple[str, ...] = ()) -> None:
             p.unlink()
     for p in out.glob(RNG_GLOB):
         p.unlink()
+    for p in out.glob(".*"):                       # temporary files of writes a crash interrupted
+        if p.is_file() and any(p.name.startswith(f".{f}.") for f in RUN_FILES + ("rng-rank",)):
+            p.unlink()
 
 
 def read_json(path: str | Path, what: str) -> Any:

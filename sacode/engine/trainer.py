@@ -25,7 +25,7 @@ from .algos import make_algorithm
 from .config import RESUME_KEYS, TrainConfig
 from .divergence import Diverged, Interrupted, RunError, StopSignals
 from .files import json_line, non_finite_keys, write_json
-from .rundir import (CKPT, CONFIG, METRICS, SUMMARY, clear_run, read_checkpoint, read_metrics, rewrite_metrics,
+from .rundir import (CKPT, CONFIG, METRICS, SUMMARY, clear_run, holds_run, read_checkpoint, read_metrics, rewrite_metrics,
                      save_checkpoint, warn)
 from .task import Task
 
@@ -99,6 +99,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1 + RANK_SEED_STRIDE * self.rank)
         self.iteration, self.samples_used, self.wall = 0, 0, 0.0
         self.saved_iteration = 0
+        self.last_record: dict | None = None        # the last iteration's metrics (finite: they are checked)
 
     @property
     def is_main(self) -> bool:
@@ -128,12 +129,19 @@ class Trainer:
                  {"iteration": self.iteration, "gen": self.gen.get_state()})
         try:
             save_checkpoint(state, path)
-        except OSError as e:
-            intact = (f"the checkpoint of iteration {self.saved_iteration} is intact: free the space and continue "
-                      f"with --resume {self.out}" if self.saved_iteration else "no checkpoint was written yet")
-            raise RunError(f"could not write {path} at iteration {self.iteration} ({type(e).__name__}: "
-                           f"{e.strerror or e}); {intact}") from e
+        except (OSError, RuntimeError) as e:        # torch's zip writer turns a failed write into a RuntimeError
+            cause = e
+            while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            raise self._write_failed(path, cause) from e
         self.saved_iteration = self.iteration
+
+    def _write_failed(self, path: Path, e: BaseException) -> RunError:
+        intact = (f"the checkpoint of iteration {self.saved_iteration} is intact: free the space and continue with "
+                  f"--resume {self.out}" if self.saved_iteration else "no checkpoint was written yet: free the space and start "
+                  "again with --overwrite")
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        return RunError(f"could not write {path} at iteration {self.iteration} ({type(e).__name__}: {why}); {intact}")
 
     def load(self) -> None:
         """Continue from the checkpoint in ``out`` (an unreadable one raises :class:`RunError` naming the fallback).
@@ -219,20 +227,22 @@ class Trainer:
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            if self.iteration == 0:
+            if self.iteration == 0 and holds_run(self.out):      # a new run replaces the old one, never merges
                 clear_run(self.out, tuple(self.task.artifacts))
             write_json(self.out / CONFIG, cfg.to_dict())
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not (cfg.progress and self.is_main),
                    desc=f"{cfg.algo} on {cfg.preset}")
-        last: dict | None = None
         try:
             with StopSignals(stop_on_signals) as stop, \
                     open(self.out / (METRICS if self.is_main else os.devnull), "a") as mf:
                 while self.iteration < cfg.iterations:
                     rec = self.step()
-                    mf.write(json_line(rec) + "\n")
-                    mf.flush()
-                    last = rec
+                    try:
+                        mf.write(json_line(rec) + "\n")
+                        mf.flush()
+                    except OSError as e:
+                        raise self._write_failed(self.out / METRICS, e) from e
+                    self.last_record = rec
                     bar.update(1)
                     bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl_path']:.3f}")
                     signame = self._stop_requested(stop) if stop_on_signals else None
@@ -243,7 +253,7 @@ class Trainer:
                     if callback is not None:
                         callback(self)
         except Diverged as e:
-            self._diverged(e, self.iteration + 1, last)
+            self._diverged(e, self.iteration + 1)
             raise
         except BaseException:
             if created and self.iteration == 0 and self.is_main:
@@ -262,7 +272,7 @@ class Trainer:
                 name = name or "a signal to another process"
         return name
 
-    def _diverged(self, e: Diverged, iteration: int, last: dict | None) -> None:
+    def _diverged(self, e: Diverged, iteration: int) -> None:
         """Complete the error message (iteration, remedy) and write summary.json with status "diverged"."""
         e.iteration = iteration
         knobs = dict.fromkeys([e.knob, "lr"])             # the failing optimiser's rate first, then the policy's
@@ -274,7 +284,7 @@ class Trainer:
                 "status": "diverged", "samples_used": self.samples_used, "wall_s": self.wall,
                 "iterations": self.iteration,
                 "diverged": {"iteration": iteration, "quantity": e.quantity, "value": e.value, "message": str(e)},
-                "last_finite_metrics": last}
+                "last_finite_metrics": self.last_record}
             write_json(self.out / SUMMARY, summary)
 
     def _identity(self) -> dict:
@@ -294,7 +304,7 @@ class Trainer:
             ev = self.evaluate()
         except FloatingPointError as e:
             err = Diverged(f"the final evaluation's state ({str(e).split(';')[0]})")
-            self._diverged(err, self.iteration, None)
+            self._diverged(err, self.iteration)
             raise err from e
         summary = self._identity() | {
             "status": "completed", "samples_used": self.samples_used, "wall_s": self.wall,
@@ -303,7 +313,7 @@ class Trainer:
         bad = non_finite_keys(summary)
         if bad:
             err = Diverged(f"the final evaluation's {', '.join(bad)}", _number(summary.get(bad[0])))
-            self._diverged(err, self.iteration, None)
+            self._diverged(err, self.iteration)
             raise err
         if self.is_main:
             write_json(self.out / SUMMARY, summary)
