@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .engine.evaluation import Evaluation, evaluate_run
+from .engine.rundir import read_metrics
 
 __all__ = ["TrainedRun", "run_training", "load_metrics", "repo_root", "bench_path", "load_bench", "value_input_grad",
            "moving_average"]
@@ -48,7 +49,7 @@ def load_metrics(run_dir: str | Path) -> dict[str, np.ndarray]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics at {path}; is this a run directory written by the trainer?")
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = read_metrics(path)                     # a truncated last line (a crash mid-write) is dropped with a warning
     keys = [k for k in rows[0] if all(k in r for r in rows)]
     return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in keys}
 

@@ -40,9 +40,11 @@ def make_trainer(cfg: TrainConfig, out: str | Path) -> Trainer:
     return Trainer(make_task(cfg), out)
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
-    """Train (or resume) one run and return its summary."""
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_on_signals: bool = False) -> dict:
+    """Train (or resume) one run and return its summary. A new run replaces any run in ``out`` (the command line
+    asks for ``--overwrite`` first); ``stop_on_signals``: Ctrl-C/SIGTERM checkpoint and stop at the next iteration
+    (:class:`~sacode.engine.divergence.Interrupted`)."""
     tr = make_trainer(cfg, out)
     if resume:
         tr.load()
-    return tr.run()
+    return tr.run(stop_on_signals=stop_on_signals)

@@ -34,6 +34,7 @@ from ..dynamics.transition import Transition
 from ..theory.conditions import Conditions
 from ..theory.control import Rollout
 from .config import ALGORITHMS
+from .divergence import FiniteWatch
 from .value import ValueLearner, returns_to_go, skip_on_rollout, value_on_rollout
 
 
@@ -131,6 +132,7 @@ class Algorithm:
 
     name = "base"
     uses_value = False
+    needs_reward_gradient = False
     on_policy_rollouts = True
 
     def __init__(self, env, policy: nn.Module, cfg, transition: Transition):
@@ -144,6 +146,9 @@ class Algorithm:
         self.value_learner = ValueLearner.from_config(env, cfg) if self.uses_value else None
         self.value = self.value_learner.value if self.uses_value else None
         self.stats = PerConditionStats()
+        self.watch = FiniteWatch("policy", "lr")      # every optimiser step is checked for non-finite values
+        if self.needs_reward_gradient and not env.reward_differentiable:
+            raise ValueError(f"{self.name} needs a differentiable reward; use --algo ctpo or ddpo for this reward")
 
     def attach(self, accelerator) -> None:
         """Train through Hugging Face accelerate: device placement, mixed precision and the
@@ -175,6 +180,7 @@ class Algorithm:
     def _backward(self, loss: Tensor, model: nn.Module | None = None, sync: bool = True) -> None:
         """loss.backward(), through accelerate when attached; sync=False skips DDP's all-reduce (the gradient of a
         micro-batch that is accumulated before the optimiser step)."""
+        self.watch.loss(loss)
         if self.accelerator is None:
             loss.backward()
         elif sync:
@@ -186,7 +192,9 @@ class Algorithm:
     def _clip_step(self, opt, params: list) -> float:
         clip = nn.utils.clip_grad_norm_ if self.accelerator is None else self.accelerator.clip_grad_norm_
         gn = clip(params, self.cfg.max_grad_norm)
+        self.watch.gradients(gn)                      # before the step: a non-finite value never reaches the weights
         opt.step()
+        self.watch.parameters(params)
         return float(gn)
 
     def _trainable(self) -> list:
@@ -269,6 +277,7 @@ class CTPO(Algorithm):
 
 class CTPOPathwise(Algorithm):
     name, uses_value = "ctpo-pathwise", True
+    needs_reward_gradient = True
 
     def grad_value_next(self, batch: Rollout) -> Tensor:
         """grad_x V(t_{k+1}, x_{k+1}) for k = 0..K-1; the last one is grad r(x_K) (exact terminal condition)."""
@@ -336,6 +345,7 @@ class Backprop(Algorithm):
     """Differentiable sampling; the rollout of the trainer is used only for logging."""
 
     name = "backprop"
+    needs_reward_gradient = True
 
     def update(self, batch, gen):
         if not self.env.reward_differentiable:

@@ -173,7 +173,7 @@ class TrainConfig:
 
     def digest(self) -> str:
         """A short hash of the resolved configuration (checkpoints store it; resuming checks it)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("progress", "iterations")}
+        d = {k: v for k, v in self.to_dict().items() if k not in RESUME_KEYS}
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -181,6 +181,10 @@ FIELD_PARAMS: dict[str, Param] = {f.name: f.metadata["param"] for f in dataclass
                                   if "param" in f.metadata}
 IDENTITY_KEYS = ("preset", "algo", "seed", "profile")
 """Keys that identify a run; --set cannot change them (use the command's arguments)."""
+RESUME_KEYS = ("iterations", "progress", "checkpoint_every", "eval_batch")
+"""Keys that --set may change when resuming a run: they do not change what the iterations already done computed (more
+iterations, the progress bar, how often checkpoints are written, the size of the final evaluation);
+:meth:`TrainConfig.digest` leaves them out."""
 
 
 @dataclass

@@ -28,6 +28,9 @@ class Task:
 
     config_table: ClassVar[ConfigTable] = ConfigTable()
     options: ClassVar[Mapping[str, Param]] = {}
+    artifacts: ClassVar[tuple[str, ...]] = ()
+    """Files or folders (relative to the run directory) that :meth:`write_artifacts` and :meth:`on_iteration` write;
+    a new run in the same directory removes them with the run's own files."""
     accelerate: dict | None = None
     """Keyword arguments of a Hugging Face ``Accelerator`` for tasks that train through accelerate (None: plain
     single-process training unless the run was started with ``accelerate launch``)."""

@@ -25,6 +25,7 @@ from ..dynamics.shapes import as_time
 from ..dynamics.time import diffusion_time
 from ..theory.conditions import Conditions
 from ..theory.control import Rollout
+from .divergence import FiniteWatch
 from .nets import MLP
 
 
@@ -154,6 +155,7 @@ class ValueLearner:
         self.opt = torch.optim.Adam(value.parameters(), lr=lr)
         self.value_train = value          # the network or its DDP wrapper (attach)
         self.accelerator = None
+        self.watch = FiniteWatch("value-network", "value_lr")
 
     @classmethod
     def from_config(cls, env, cfg) -> "ValueLearner":
@@ -184,13 +186,16 @@ class ValueLearner:
                 pred = self.value_train(t[idx], x[idx], cond.index(idx), **kw)
                 loss = ((pred - y[idx]) ** 2).mean()
                 self.opt.zero_grad(set_to_none=True)
+                self.watch.loss(loss)
                 if self.accelerator is None:
                     loss.backward()
-                    nn.utils.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                    gn = nn.utils.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
                 else:
                     self.accelerator.backward(loss)
-                    self.accelerator.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                    gn = self.accelerator.clip_grad_norm_(list(self.value.parameters()), self.max_grad_norm)
+                self.watch.gradients(gn)
                 self.opt.step()
+                self.watch.parameters(self.value.parameters())
                 losses.append(float(loss.detach()))
         return sum(losses) / max(len(losses), 1)
 

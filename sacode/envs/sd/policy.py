@@ -7,7 +7,11 @@ encoder stay frozen, and the pretrained score reuses the same UNet with the adap
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ...dynamics.shapes import as_time
+from ...engine.files import atomic_write_bytes
 from ...engine.policy import ScorePolicy
 from ...dynamics.parameterisation import eps_to_score
 
@@ -83,7 +88,39 @@ class LoRAScorePolicy(ScorePolicy):
         # (diffusers' convert_state_dict_to_diffusers renames only the linear ones, which breaks conv_out)
         layers = get_peft_model_state_dict(self.unet)
         layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
-        StableDiffusionPipeline.save_lora_weights(
-            directory, unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict())
-        return directory / "pytorch_lora_weights.safetensors"
+        # sets (target_modules) as sorted lists: the file is byte-for-byte reproducible (a set's order is not)
+        meta = sorted_metadata(self.unet.peft_config["default"].to_dict())
+        name = "pytorch_lora_weights.safetensors"
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
+        try:                         # diffusers writes into a scratch folder; the file then replaces the old atomically
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True,
+                                                      unet_lora_adapter_metadata=meta)
+            atomic_write_bytes(directory / name, canonical_safetensors((tmp / name).read_bytes()))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory / name
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file with its JSON header in a fixed order (metadata, then tensors, keys sorted). The writer
+    keeps the header in a hash map whose order changes from process to process; the tensor bytes are unchanged (the
+    header's offsets are relative to the data section), so any safetensors reader reads the same tensors."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                         # the data section stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def sorted_metadata(value: Any) -> Any:
+    """``value`` with every set replaced by a sorted list, recursively (JSON metadata with a fixed order)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((sorted_metadata(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {k: sorted_metadata(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sorted_metadata(v) for v in value]
+    return value

@@ -24,10 +24,9 @@ import torch
 
 from ...engine.config import ALGORITHMS, ConfigTable, Param
 from ...engine.task import Task
+from .local_files import SD15_HUB_ID, SD15_MIRROR, check_local_files, hub_offline
 from .rewards import REWARDS
 
-SD15_HUB_ID = "runwayml/stable-diffusion-v1-5"
-SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_ENV = "SACODE_SD_MODEL"
 
 MODEL_HELP = (
@@ -107,6 +106,7 @@ class SDTask(Task):
 
     config_table = SD15_CONFIG
     options = SD_OPTIONS
+    artifacts = ("images", "lora")
     TINY = False
 
     def __init__(self, cfg, params=None):
@@ -121,6 +121,8 @@ class SDTask(Task):
         if missing:
             raise KeyError(f"Stable Diffusion options missing from the config: {sorted(missing)}; build the config "
                            f"with sacode.runs.make_config({cfg.preset!r}, ...)")
+        hub_offline(not opt["allow_download"])   # before diffusers/transformers are imported: no host look-ups
+        check_local_files(resolve_model(opt["model"], tiny=self.TINY), opt, cfg.preset)   # all missing pieces at once
         device, cpu = resolve_device(opt["device"])
         amp = resolve_amp(opt["amp"], device)
         self.accelerate = {"cpu": cpu, "mixed_precision": amp}      # the trainer's Accelerator (engine/trainer.py)
