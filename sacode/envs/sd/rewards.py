@@ -120,7 +120,7 @@ AESTHETIC_HELP = (
     "  1. the MLP weights sac+logos+ava1-l14-linearMSE.pth (set aesthetic_mlp=PATH); on a machine with network:\n"
     "     wget https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth\n"
     "  2. CLIP ViT-L/14 in transformers format (set clip_model=PATH or a hub id already in the local cache):\n"
-    "     huggingface-cli download openai/clip-vit-large-patch14")
+    "     hf download openai/clip-vit-large-patch14")
 
 
 class AestheticReward(nn.Module):
