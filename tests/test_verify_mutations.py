@@ -24,7 +24,7 @@ import sacode.theory.optimal as optmod
 import sacode.theory.policy_eval as pe
 import sacode.verify as verify
 from sacode.dynamics.sde import OUSDE, VESDE, VPSDE
-from sacode.theory.control import ScoreActionPolicy
+from sacode.theory.control import ScoreActionPolicy, action_of_transition
 from sacode.theory.data import GaussianMixture
 from sacode.theory.kl import GaussianLinearExample
 from sacode.verify import control_checks as cc
@@ -32,8 +32,9 @@ from sacode.verify import optimal_checks as oc
 from sacode.verify import policy_checks as pc
 from sacode.verify import sde_checks as sc
 
-CACHED = [sc._forward_samples, sc._reverse_samples, sc._mixture_pair, cc._optimal_em_trajectories,
-          cc._state_dependent_estimates, oc._gauss_rollout, oc._mixture_pair, pc._trajectories]
+CACHED = [sc._forward_samples, sc._reverse_samples, sc._mixture_pair, sc._exact_discrete_law,
+          cc._optimal_em_trajectories,
+          cc._state_dependent_estimates, oc._gauss_rollout, oc._mixture_pair, pc._trajectories, pc._grid_mean]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,6 +72,7 @@ def tol(family: str, row: str) -> float:
 
 def assert_caught(family: str, rows: list[str]) -> None:
     """Rerun the (mutated) family: every row in ``rows`` passed unperturbed and fails now."""
+    assert family in _BASE, "compute base(family) before patching anything"
     b = base(family)
     now = run(family)
     for row in rows:
@@ -110,9 +112,10 @@ def test_reverse_gauss_catches_wrong_terminal_law(monkeypatch, law_name, label, 
 
 
 def test_weak_order_catches_wrong_variance(monkeypatch):
+    base("weak-order")
     sde = VPSDE(0.1, 2.0)
     _, c = sc.reverse_sde_terminal_law(sc.DATA_1D, sde)
-    resolution = abs(sc._exact_discrete_law(sde, "em", 320)[1] - float(c[0, 0]))   # the error at the finest K
+    resolution = abs(sc._exact_discrete_law(2.0, "em", 320)[1] - float(c[0, 0]))   # the error at the finest K
     orig = sc.reverse_sde_terminal_law
     monkeypatch.setattr(sc, "reverse_sde_terminal_law", lambda d, s: (orig(d, s)[0], orig(d, s)[1] + 4 * resolution))
     assert_caught("weak-order", ["weak-order/em"])
@@ -157,13 +160,15 @@ def test_dsm_minimum_catches_shifted_minimum(monkeypatch):
 # control checks (chapters 3-4)
 # ------------------------------------------------------------------------------------------------
 def test_step_policy_catches_dropped_jacobian(monkeypatch):
+    base("control-step-policy")
     monkeypatch.setattr(cc, "transition_log_prob_via_policy",
-                        lambda pol, t, x, x_next, step: pol.log_prob(t, x, cc.action_of_transition(x, x_next, step)))
+                        lambda pol, t, x, x_next, step: pol.log_prob(t, x, action_of_transition(x, x_next, step)))
     assert_caught("control-step-policy", ["control-step-policy/ring2d/em-eta1/logp",
                                           "control-step-policy/ring2d/ddim-eta0.5/logp"])
 
 
 def test_step_policy_catches_time_index_off_by_one(monkeypatch):
+    base("control-step-policy")
     orig = ScoreActionPolicy.of_sampler.__func__
 
     def shifted(cls, sde, score_fn, grid, method="em", eta=1.0):
@@ -178,12 +183,14 @@ def test_step_policy_catches_time_index_off_by_one(monkeypatch):
 
 
 def test_path_kl_catches_doubled_closed_form(monkeypatch):
+    base("control-kl-path")
     orig = GaussianLinearExample.path_kl_closed
     monkeypatch.setattr(GaussianLinearExample, "path_kl_closed", lambda self, s_end=0.0: 2 * orig(self, s_end))
     assert_caught("control-kl-path", ["control-kl-path/quad-vs-analytic"])
 
 
 def test_path_kl_catches_doubled_integral(monkeypatch):
+    base("control-kl-path")
     orig = cc.shift_path_kl
     monkeypatch.setattr(cc, "shift_path_kl", lambda *a, **k: (2 * orig(*a, **k)[0], orig(*a, **k)[1]))
     assert_caught("control-kl-path", ["control-kl-path/riemann-sum/richardson", "control-kl-path/exact-sum/richardson",
@@ -193,6 +200,7 @@ def test_path_kl_catches_doubled_integral(monkeypatch):
 
 def test_path_kl_catches_time_index_off_by_one(monkeypatch):
     """The trajectory estimator pairing step k's weight with the score recorded at step k + 1."""
+    base("control-kl-path")
     def shifted(traj, sde, score_pre, weight="exact", eta=None):
         later = dataclasses.replace(traj, scores=torch.cat([traj.scores[1:], traj.scores[-1:]]))
         return klmod.path_kl_from_trajectory(later, sde, score_pre, weight, eta)
@@ -201,6 +209,7 @@ def test_path_kl_catches_time_index_off_by_one(monkeypatch):
 
 
 def test_path_kl_catches_wrong_state_dependent_value(monkeypatch):
+    base("control-kl-path")
     orig_ode, orig_disc = cc._moment_ode_kl, cc._discrete_expected_kl
     monkeypatch.setattr(cc, "_moment_ode_kl", lambda *a: 2 * orig_ode(*a))
     assert_caught("control-kl-path", ["control-kl-path/state-dependent/richardson"])
@@ -226,6 +235,7 @@ def test_kl_eta_catches_dropped_eta_factor(monkeypatch):
     ("path_kl_closed", ["path-kl"]),
 ])
 def test_dpi_catches_wrong_closed_forms(monkeypatch, attr, rows):
+    base("control-kl-dpi")
     orig = getattr(GaussianLinearExample, attr)
     if attr == "path_kl_closed":
         monkeypatch.setattr(GaussianLinearExample, attr, lambda self, s_end=0.0: 2 * orig(self, s_end))
@@ -268,12 +278,14 @@ def _shifted_objective(orig, dJ=0.0, kl_factor=1.0, only_default=True):
 
 
 def test_identities_catch_wrong_objective(monkeypatch):
+    base("optimal-identities")
     monkeypatch.setattr(oc, "optimal_objective", _shifted_objective(oc.optimal_objective, dJ=1e-6, kl_factor=2.0))
     assert_caught("optimal-identities", [f"optimal-identities/{p}/{r}" for p in oc.GAUSS_PRESETS
                                          for r in ("J-quadrature", "KL-Girsanov")])
 
 
 def test_identities_catch_wrong_law(monkeypatch):
+    base("optimal-identities")
     monkeypatch.setattr(oc, "optimal_terminal_law", _shifted_law(oc.optimal_terminal_law, shift_mean=1e-6))
     assert_caught("optimal-identities", [f"optimal-identities/{p}/law-quadrature" for p in oc.GAUSS_PRESETS])
 
@@ -308,6 +320,7 @@ def test_mc_gauss_catches_wrong_discrete_law(monkeypatch):
 
 
 def test_naive_tilt_rejection_catches_naive_equal_to_optimum(monkeypatch):
+    base("optimal-naive-tilt-rejected")
     monkeypatch.setattr(oc, "naive_tilt_law", lambda p: oc.optimal_terminal_law(p))
     assert_caught("optimal-naive-tilt-rejected", [f"optimal-naive-tilt-rejected/{p}" for p in oc.SHORT_PRESETS])
 
@@ -372,9 +385,9 @@ def test_policy_value_catches_wrong_grid_mean(monkeypatch):
 
 
 def test_policy_q_catches_shifted_q(monkeypatch):
+    delta = 4 * tol("policy-q", "policy-q/closed form = definition")
     orig = pe.q_rate
-    monkeypatch.setattr(pe, "q_rate", lambda *a, **k: orig(*a, **k) + 4 * tol("policy-q",
-                                                                             "policy-q/closed form = definition"))
+    monkeypatch.setattr(pe, "q_rate", lambda *a, **k: orig(*a, **k) + delta)
     assert_caught("policy-q", ["policy-q/closed form = definition"])
 
 
@@ -398,7 +411,11 @@ def test_policy_gradient_catches_wrong_grid_mean(monkeypatch):
     delta = 4 * max(tol("policy-gradient", r) for r in rows)
     orig = pe.expected_estimate
     monkeypatch.setattr(pe, "expected_estimate", lambda *a, **k: orig(*a, **k) + delta)
-    assert_caught("policy-gradient", rows)
+    pc._grid_mean.cache_clear()
+    try:
+        assert_caught("policy-gradient", rows)
+    finally:
+        pc._grid_mean.cache_clear()
 
 
 def test_policy_pd_catches_wrong_formula(monkeypatch):

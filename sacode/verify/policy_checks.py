@@ -176,7 +176,7 @@ def policy_gradient():
             ests = {"pathwise": pe.pathwise_gradient(fam, theta, traj, V, p.beta),
                     "lr-exact": pe.likelihood_ratio_gradient(fam, theta, traj, V, p.beta, "exact")}
             for form, est in ests.items():
-                means = [pe.expected_estimate(fam, theta, V, p.beta, TimeGrid.uniform(1.0, k), form) for k in Ks]
+                means = [_grid_mean(name, tlabel, form, k) for k in Ks]
                 for dlabel, d in dirs.items():
                     fd_d, err_d = _directional_fd(fam, p, theta, d)
                     samples = est.samples @ d
@@ -190,6 +190,15 @@ def policy_gradient():
                                                 f"exact mean on the grid vs the finite difference of J "
                                                 f"(FD error {err_d:.1e})", extra_tol=err_d))
     return out
+
+
+@lru_cache(maxsize=None)
+def _grid_mean(name: str, tlabel: str, form: str, K: int) -> np.ndarray:
+    """The exact mean of an estimator on the uniform K-step grid (a discrete quantity: no closed form enters)."""
+    fam, p = _family(name)
+    theta = np.zeros(10) if tlabel == "pre" else THETA_NT
+    V = pe.value_function(fam, theta, p.reward, p.beta)
+    return pe.expected_estimate(fam, theta, V, p.beta, TimeGrid.uniform(1.0, K), form)
 
 
 @lru_cache(maxsize=None)
