@@ -61,6 +61,8 @@ class CheckResult:
             raise ValueError(f"check {self.name!r}: kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if (self.kind == "monte-carlo") != (self.se is not None):
             raise ValueError(f"check {self.name!r}: a monte-carlo row (and only it) gives its standard error")
+        if self.kind == "monte-carlo" and not (self.z is not None and self.z <= 5 and self.tol <= self.z * self.se):
+            raise ValueError(f"check {self.name!r}: a monte-carlo tolerance is z * se with z <= 5, nothing added")
 
     @classmethod
     def compare(cls, name: str, computed: float, closed_form: float, tol: float, note: str = "", *,
