@@ -18,6 +18,13 @@
 All likelihood ratios use the transition log-density summed over dimensions (chapter 3). The
 option ``logprob_mean=True`` divides log-densities by the dimension as in DDPO's code (documented there as the
 reason for its tiny clip ranges).
+
+The per-step KL penalty is ``cfg.kl`` (chapter 4): ``chain``, the exact KL ||m_theta - m_pre||^2/(2 c_k^2) between the
+fine-tuned and pretrained transitions (default: it is the KL of the sampler that is actually run), or ``girsanov``,
+the paper code's 1/2 ((1+eta^2)/(2 eta))^2 (int_step g^2) ||s_theta - s_pre||^2. The second is the first times a
+per-step factor that depends on neither the state nor theta (:func:`~sacode.theory.kl.kl_penalty_scale`), so every
+algorithm applies it the same way: to the KL term of its loss, to the value targets, and (ddpo) to the sampled
+log-ratio.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from ..dynamics.shapes import expand_time, sum_event
 from ..dynamics.transition import Transition
 from ..theory.conditions import Conditions
 from ..theory.control import Rollout
+from ..theory.kl import kl_penalty_scale
 from .config import ALGORITHMS
 from .divergence import FiniteWatch
 from .value import ValueLearner, returns_to_go, skip_on_rollout, value_on_rollout
@@ -220,7 +228,8 @@ class Algorithm:
                 lp, mean = self._logp(tr, part, batch.cond)
                 loss, part_info = ppo_clip_loss(lp, logp_old[part], a[part], self.cfg.clip)
                 if extra_kl:
-                    loss = loss + self.beta * transition_kl(mean, tr.pre_mean[part], tr.std[part]).mean()
+                    loss = loss + self.beta * self.step_penalty(mean, tr.pre_mean[part], tr.std[part],
+                                                                tr.s_cur[part], tr.s_next[part]).mean()
                 w = part.numel() / idx.numel()
                 self._backward(loss * (w * batch.K if self.cfg.sum_steps else w), sync=j == len(parts) - 1)
                 for k, v in part_info.items():
@@ -235,8 +244,23 @@ class Algorithm:
         return self.value_learner.fit(batch, targets, gen, skip)
 
     def returns_to_go(self, batch: Rollout, with_kl: bool = True) -> Tensor:
-        """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R)."""
-        return returns_to_go(batch, self.beta, with_kl)
+        """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R), with the per-step penalty of cfg.kl."""
+        return returns_to_go(batch, self.beta, with_kl, self.penalty_steps(batch))
+
+    # ----- the per-step KL penalty (cfg.kl) --------------------------------------------------------------
+    def kl_scale(self, s_cur: Tensor, s_next: Tensor, std: Tensor) -> Tensor:
+        """Factor from the chain KL of a step to the penalty of cfg.kl (1 for ``chain``)."""
+        t = self.transition
+        return kl_penalty_scale(getattr(self.cfg, "kl", "chain"), t.sde, t.method, t.eta, s_cur, s_next, std)
+
+    def step_penalty(self, mean: Tensor, pre_mean: Tensor, std: Tensor, s_cur: Tensor, s_next: Tensor) -> Tensor:
+        """The per-step KL penalty of cfg.kl, differentiable in the policy's step mean, shape (n,)."""
+        return transition_kl(mean, pre_mean, std) * self.kl_scale(s_cur, s_next, std)
+
+    def penalty_steps(self, batch: Rollout) -> Tensor:
+        """The recorded per-step KLs of a rollout as penalties of cfg.kl, shape (K, n)."""
+        s = batch.grid.s.to(batch.stds)
+        return batch.kl_steps * self.kl_scale(s[:-1, None], s[1:, None], batch.stds)
 
     def update(self, batch: Rollout, gen: torch.Generator) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -302,7 +326,7 @@ class CTPOPathwise(Algorithm):
         for idx in self._minibatches(tr.i.numel(), gen):
             _, mean = self._logp(tr, idx, batch.cond)
             gain = sum_event(gv[idx] * mean)
-            kl = transition_kl(mean, tr.pre_mean[idx], tr.std[idx])
+            kl = self.step_penalty(mean, tr.pre_mean[idx], tr.std[idx], tr.s_cur[idx], tr.s_next[idx])
             loss = -(gain - self.beta * kl).mean()
             infos.append({"grad_norm": self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)})
         return {"grad_norm": sum(i["grad_norm"] for i in infos) / len(infos), "value_loss": vloss}
@@ -314,7 +338,10 @@ class DDPO(Algorithm):
     def update(self, batch, gen):
         # The sampled log-ratio, not KL_k(theta): KL_k depends on theta directly, and a likelihood-ratio estimator
         # only sees the dependence through sampled transitions, so R - beta KL_path would not penalise the KL.
-        ret = batch.rewards - self.beta * batch.log_ratio_steps.sum(0)
+        # (kl=girsanov: each step's log-ratio times the state-independent factor of kl_penalty_scale)
+        s = batch.grid.s.to(batch.stds)
+        scale = self.kl_scale(s[:-1, None], s[1:, None], batch.stds)
+        ret = batch.rewards - self.beta * (scale * batch.log_ratio_steps).sum(0)
         adv = self.per_condition(ret, batch.cond).clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
         return self.ppo_update(batch, adv[None].expand(batch.K, -1), gen)
 
@@ -371,7 +398,7 @@ class Backprop(Algorithm):
             mean, std = self.transition.mean_std(pol, x_in, s_c, s_n)
             # the pretrained mean must see the same (differentiable) state: KL_k depends on x_k through both means
             mean_pre, _ = self.transition.mean_std(pre, x_in, s_c, s_n)
-            kl_total = kl_total + transition_kl(mean, mean_pre, std)
+            kl_total = kl_total + self.step_penalty(mean, mean_pre, std, s_c, s_n)
             z = randn_on(gen, x)
             x = mean + expand_time(std, x) * z
         return self.env.reward(x, cond) - self.beta * kl_total

@@ -135,6 +135,9 @@ class TrainConfig:
     explore: float = param(0.0, float, "exploration noise of deterministic samplers (chapter 10)", ge=0.0)
     # objective
     beta: float | None = param(None, float, "KL weight (none: the preset's)", ge=0.0, optional=True)
+    kl: str = param("chain", str, "per-step KL penalty: chain (the exact KL of the discrete chain) or girsanov (the "
+                    "paper code's 1/2 ((1+eta^2)/(2 eta))^2 int g^2 ||s_theta - s_pre||^2; chapter 4)",
+                    choices=("chain", "girsanov"))
     # optimisation
     lr: float = param(3e-3, float, "policy learning rate", gt=0.0)
     value_lr: float = param(3e-3, float, "value-network learning rate", gt=0.0)
@@ -285,6 +288,9 @@ def validate(cfg: TrainConfig, options: Mapping[str, Param] | None = None) -> No
             p.coerce(k, cfg.options[k])
     if cfg.grid == "random" and cfg.K < 2:
         raise ValueError("grid=random needs K >= 2 (a random grid has K - 1 interior times)")
+    if cfg.kl == "girsanov" and (cfg.method not in ("em", "ddim") or cfg.eta == 0):
+        raise ValueError(f"kl=girsanov needs a stochastic sampler (method em or ddim with eta > 0): its factor "
+                         f"((1+eta^2)/(2 eta))^2 is infinite for method={cfg.method}, eta={cfg.eta}; use kl=chain")
     if cfg.method in ("pf-euler", "pf-heun") or (cfg.method in ("em", "ddim") and cfg.eta == 0):
         if cfg.explore <= 0:
             raise ValueError(f"method={cfg.method} with eta={cfg.eta} is deterministic: its transitions have no "

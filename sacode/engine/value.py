@@ -132,9 +132,11 @@ def value_on_rollout(value: nn.Module, batch: Rollout, terminal_exact: bool = Tr
     return v
 
 
-def returns_to_go(batch: Rollout, beta: float, with_kl: bool = True) -> Tensor:
-    """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R): Monte-Carlo targets of V(t_k, x_k)."""
-    kl = batch.kl_steps if with_kl else torch.zeros_like(batch.kl_steps)
+def returns_to_go(batch: Rollout, beta: float, with_kl: bool = True, kl_steps: Tensor | None = None) -> Tensor:
+    """G_k = R - beta sum_{j >= k} KL_j, shape (K+1, n) (G_K = R): Monte-Carlo targets of V(t_k, x_k).
+
+    ``kl_steps`` (K, n) replaces the rollout's recorded chain KLs (e.g. the Girsanov penalty, chapter 4)."""
+    kl = (batch.kl_steps if kl_steps is None else kl_steps) if with_kl else torch.zeros_like(batch.kl_steps)
     tail = torch.flip(torch.cumsum(torch.flip(kl, [0]), 0), [0])
     G = batch.rewards[None] - beta * tail
     return torch.cat([G, batch.rewards[None]], 0)

@@ -14,9 +14,17 @@ the factor being 1 at eta = 1 and diverging like 1/(4 eta^2) as eta -> 0 (a drif
 noise). By data processing KL(p^theta_T || p^pre_T) <= KL(P^theta || P^pre).
 
 Discretely, a Gaussian sampler step with a common std_k gives the per-step KL
-||mean_theta - mean_pre||^2 / (2 std_k^2) = B_k^2 ||s_theta - s_pre||^2 / (2 std_k^2) (chapter 4):
-for Euler-Maruyama this is exactly a left Riemann sum of the integral; for DDIM(eta = 1) the weight
-B_k^2/std_k^2 differs from int g^2 over the step by O(dt) and the sum converges as O(1/K).
+||mean_theta - mean_pre||^2 / (2 std_k^2) = B_k^2 ||s_theta - s_pre||^2 / (2 std_k^2) (chapter 4): the exact KL
+between the two discrete chains ("chain" KL). The paper's code penalises instead the Girsanov form
+1/2 ((1 + eta^2)/(2 eta))^2 (int_step g^2) ||s_theta - s_pre||^2 ("girsanov"; int_step g^2 = log(abar_prev/abar_t)
+for a VP schedule). Their per-step ratio (:func:`kl_weight_ratio`) is exactly 1 for Euler-Maruyama(eta) against the
+left Riemann weight g(s_k)^2 dt_k, and 1 + O(b dt / sigma_n^2) for DDIM: close to 1 for a step that is small compared
+to the noise level sigma_n^2 it lands on, far from 1 otherwise. On a uniform grid that stops at a fixed s_end > 0
+the chain sum therefore converges to the Girsanov integral as O(1/K); on a diffusers schedule it does not: the last
+step always goes from timestep 1 to timestep 0, whatever K, and keeps a ratio of 2.0 on Stable Diffusion's
+schedule (eta = 1), and the step into timestep 1 has ratio 11.6 at K = 50 (chapter 4, "the two KLs side by side").
+A KL weight beta therefore does not mean the same thing under the two penalties (:func:`kl_penalty_scale`; training
+chooses with ``--set kl=chain|girsanov``).
 
 :class:`GaussianLinearExample` holds the closed forms of the running example (chapter 5): Gaussian data,
 linear reward, the optimal score shift, its path KL and the terminal KL from the fixed prior.
@@ -38,9 +46,6 @@ from ..dynamics.gaussian_step import gaussian_step
 from ..dynamics.grid import TimeGrid
 from ..dynamics.samplers import STOCHASTIC, Trajectory, get_step
 from ..dynamics.sde import VPSDE, LinearSDE, ScoreFn
-
-torch.float64 = torch.float64
-
 
 def eta_factor(eta: float) -> float:
     """((1 + eta^2) / (2 eta))^2: the Girsanov factor of the eta-family (1 at eta = 1, infinite at eta = 0)."""
@@ -160,6 +165,64 @@ def shift_per_step_kl(sde: LinearSDE, shift: Callable[[Tensor], Tensor], grid: T
     return 0.5 * (coef.B / coef.std) ** 2 * _shift_sq(shift, grid.s[:-1])
 
 
+KL_FORMS = ("chain", "girsanov")
+"""The per-step KL penalties (module docstring): the exact chain KL, or the paper code's Girsanov form."""
+
+
+def chain_kl_weights(sde: LinearSDE, grid: TimeGrid, method: str = "ddim", eta: float = 1.0) -> Tensor:
+    """(B_k / std_k)^2, shape (K,): the exact chain KL of step k is 1/2 (B_k/std_k)^2 ||s_theta - s_pre||^2."""
+    st = gaussian_step(sde, grid.s[:-1], grid.s[1:], method, eta)
+    return (st.B / st.std) ** 2
+
+
+def girsanov_kl_weights(sde: LinearSDE, grid: TimeGrid, eta: float = 1.0) -> Tensor:
+    """((1+eta^2)/(2 eta))^2 int_{s_{k+1}}^{s_k} g^2, shape (K,): the paper code's penalty of step k is
+    1/2 times this times ||s_theta - s_pre||^2 (for VP: the factor times log(abar_{k+1}/abar_k))."""
+    return eta_factor(eta) * sde.int_g2(grid.s[1:], grid.s[:-1])
+
+
+def kl_weight_ratio(sde: LinearSDE, grid: TimeGrid, method: str = "ddim", eta: float = 1.0) -> Tensor:
+    """Per-step ratio chain KL / Girsanov penalty (the same score difference), shape (K,) (chapter 4)."""
+    return chain_kl_weights(sde, grid, method, eta) / girsanov_kl_weights(sde, grid, eta)
+
+
+def kl_penalty_scale(form: str, sde: LinearSDE, method: str, eta: float, s_cur: Tensor, s_next: Tensor,
+                     std: Tensor) -> Tensor:
+    """The factor that turns the chain KL ||m_theta - m_pre||^2/(2 std^2) of a step into the penalty ``form``.
+
+    ``chain``: 1. ``girsanov``: eta_factor int g^2 std^2 / B^2, so that the product is
+    1/2 eta_factor (int g^2) ||(m_theta - m_pre)/B||^2 = 1/2 eta_factor (int g^2) ||s_theta - s_pre||^2 (the mean of an
+    em/ddim step is A x + B score). ``std`` is the step's transition std (any exploration included; it cancels);
+    times and std of shape (n,) or scalars. The factor does not depend on the state or on theta.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"unknown KL form {form!r}; choose one of {', '.join(KL_FORMS)}")
+    std = torch.as_tensor(std)
+    if form == "chain":
+        return torch.ones_like(std)
+    if method not in ("em", "ddim") or eta <= 0:
+        raise ValueError(f"the Girsanov penalty needs a stochastic em/ddim sampler with eta > 0 (its factor "
+                         f"((1+eta^2)/(2 eta))^2 is infinite at eta = 0); got method={method!r}, eta={eta}")
+    s_cur = torch.as_tensor(s_cur, dtype=std.dtype, device=std.device)
+    s_next = torch.as_tensor(s_next, dtype=std.dtype, device=std.device)
+    B = gaussian_step(sde, s_cur, s_next, method, eta).B
+    return eta_factor(eta) * sde.int_g2(s_next, s_cur).to(std) * std**2 / B.to(std) ** 2
+
+
+def published_beta_for_chain(beta_girsanov: float, sde: LinearSDE, grid: TimeGrid, method: str = "ddim",
+                             eta: float = 1.0, step_weights: Tensor | None = None) -> float:
+    """A beta for the chain KL that matches ``beta_girsanov`` under the paper code's Girsanov penalty on average.
+
+    beta_chain sum_k c_k u_k = beta_girsanov sum_k w_k u_k with c_k, w_k the chain and Girsanov weights and u_k the
+    expected ||s_theta - s_pre||^2 at step k (``step_weights``; None: the same at every step), i.e. beta_chain =
+    beta_girsanov / (weighted mean ratio). Only the whole-path penalty can be matched: the per-step ratios differ
+    (chapter 4).
+    """
+    c, w = chain_kl_weights(sde, grid, method, eta), girsanov_kl_weights(sde, grid, eta)
+    u = torch.ones_like(c) if step_weights is None else torch.as_tensor(step_weights, dtype=c.dtype)
+    return float(beta_girsanov * (w * u).sum() / (c * u).sum())
+
+
 def gaussian_kl(mean_p: Tensor, cov_p: Tensor, mean_q: Tensor, cov_q: Tensor) -> float:
     """KL(N(m_p, C_p) || N(m_q, C_q)) = 1/2 [tr(C_q^{-1} C_p) + (m_q - m_p)^T C_q^{-1} (m_q - m_p) - d
     + log det C_q - log det C_p]; vectors (d,), covariances (d, d)."""
@@ -177,19 +240,25 @@ def gaussian_kl(mean_p: Tensor, cov_p: Tensor, mean_q: Tensor, cov_q: Tensor) ->
 
 
 def torchsde_path_kl(exploratory_sde, x_init: Tensor, t0: float, t1: float, dt: float,
-                     method: str = "euler") -> Tensor:
+                     method: str = "euler", entropy: int | None = None) -> Tensor:
     """Per-trajectory path log-ratio int 1/2 ||(f - h)/g||^2 dt from ``torchsde.sdeint(..., logqp=True)``, (n,).
 
     ``exploratory_sde`` follows torchsde's protocol with drift f (fine-tuned), prior drift h (pretrained) and
     diffusion g, e.g. :meth:`sacode.theory.control.ScoreControlProblem.exploratory_sde`; its time is RL time.
     x_init of shape (n, d). Its mean over trajectories estimates KL(P^theta || P^pre) (Li et al. 2020).
+    ``entropy`` seeds torchsde's Brownian interval (None: torchsde draws a fresh seed, so runs differ).
     """
     import torchsde
 
     if x_init.ndim != 2:
         raise ValueError(f"torchsde needs states of shape (n, d); got {tuple(x_init.shape)} (use x[:, None] in 1-D)")
     ts = torch.tensor([t0, t1], dtype=x_init.dtype)
-    _, log_ratio = torchsde.sdeint(exploratory_sde, x_init, ts, method=method, dt=dt, logqp=True)
+    bm = None
+    if entropy is not None:        # logqp augments the state by one coordinate, and the noise with it
+        n, d = x_init.shape
+        bm = torchsde.BrownianInterval(t0, t1, size=(n, d + 1), dtype=x_init.dtype, device=x_init.device,
+                                       entropy=entropy)
+    _, log_ratio = torchsde.sdeint(exploratory_sde, x_init, ts, method=method, dt=dt, logqp=True, bm=bm)
     return log_ratio.sum(0)
 
 
@@ -271,4 +340,6 @@ class GaussianLinearExample:
 
 
 __all__ = ["eta_factor", "path_kl_rate", "path_kl_from_trajectory", "per_step_kl", "discrete_path_kl",
-           "shift_path_kl", "shift_per_step_kl", "gaussian_kl", "torchsde_path_kl", "GaussianLinearExample"]
+           "shift_path_kl", "shift_per_step_kl", "KL_FORMS", "chain_kl_weights", "girsanov_kl_weights",
+           "kl_weight_ratio", "kl_penalty_scale", "published_beta_for_chain", "gaussian_kl", "torchsde_path_kl",
+           "GaussianLinearExample"]

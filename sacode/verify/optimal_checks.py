@@ -1,10 +1,15 @@
 """Checks of chapter 5 (optimal fine-tuning in closed form): V* = beta log h, the HJB equation, the optimal score,
 the terminal law with the initial law fixed at N(0, I), and J* with its split E r - beta KL.
 
-Deterministic checks compare float64 computations with a rounding budget; Monte-Carlo checks allow Z standard
-errors plus the discretisation bias of Euler-Maruyama, measured exactly (Gaussian presets: the optimal score is
-affine, so the discrete law is Gaussian and propagated without MC error) or by a coupled K vs K/2 Richardson
-estimate (the mixture).
+Deterministic checks compare float64 computations with a rounding budget. Monte-Carlo checks allow Z standard
+errors and nothing else:
+
+* Gaussian presets: the optimal score is affine, so the law of the discrete Euler-Maruyama sampler is Gaussian and
+  propagated exactly (:func:`discrete_gaussian_objective`); the simulation is compared with it, and the exact discrete
+  values are extrapolated (Richardson, K = 400, 800, 1600) onto the continuous closed forms in separate rows;
+* the mixture has no exact discrete law: it runs at a K where a coupled K vs K/2 bound on the discretisation bias
+  (plus the quadrature error of the closed form, and the misassignment bound of the mode weights) is below one
+  standard error of each statistic, and a row asserts that; the Monte-Carlo rows then allow Z SE.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..theory.optimal import (discrete_gaussian_objective, hjb_residual, mode_mi
 from ..theory.presets import TOY_PRESETS, ToyPreset, toy_preset
 from ..dynamics.grid import TimeGrid
 from . import EPS, Z, CheckResult, check
+from .convergence import richardson_check
 
 ROUNDING_ULPS = 2**12
 """Rounding budget of the deterministic checks: 4096 ulps of the largest term (each quantity is a chain of
@@ -31,7 +37,8 @@ far less; a wrong formula shows up at relative size 1e-3 or more)."""
 GAUSS_PRESETS = [p for p in TOY_PRESETS if p.startswith("gauss1d")]
 SHORT_PRESETS = [p for p in TOY_PRESETS if p.endswith("-short")]
 N_GAUSS, K_GAUSS = 20_000, 400          # Gaussian presets: MC size and Euler-Maruyama steps
-N_MIX, K_MIX = 4_000, 200               # the mixture: coupled rollouts with K and K/2 steps
+N_MIX, K_MIX = 4_000, 800               # the mixture: coupled rollouts with K and K/2 steps (K: bias < 1 SE)
+MIN_WEIGHT = 0.01                       # mixture modes whose weight is checked (expected count >= 40)
 
 
 @contextlib.contextmanager
@@ -62,7 +69,9 @@ def terminal_condition():
         r = p.reward(x)
         err = (optimal_value(p, p.sde.T, x) - r).abs().max()
         tol = ROUNDING_ULPS * EPS * max(1.0, float(r.abs().max()))
-        out.append(CheckResult.compare(f"optimal-terminal-condition/{name}", err, 0.0, tol, "max|V*(T,x)-r(x)|"))
+        out.append(CheckResult.compare(f"optimal-terminal-condition/{name}", err, 0.0, tol,
+                                       "max|V*(T,x)-r(x)| (beta log E[e^{r/beta} | X_0 = x] at s = 0: holds by algebra)",
+                                       kind="identity"))
     return out
 
 
@@ -84,7 +93,7 @@ def hjb():
         rel = float(terms.residual.abs().max() / terms.scale.max())
         out.append(CheckResult.compare(f"optimal-hjb/{name}", rel, 0.0, ROUNDING_ULPS * EPS,
                                        f"max|res|/max|term|, {x.shape[0]} points, max|term|="
-                                       f"{float(terms.scale.max()):.3g}"))
+                                       f"{float(terms.scale.max()):.3g}", kind="exact"))
     return out
 
 
@@ -109,11 +118,13 @@ def identities():
             worst = max(worst, float((auto - closed).abs().max()))
             scale = max(scale, float(closed.abs().max()))
         out.append(CheckResult.compare(f"optimal-identities/{name}/grad-V", worst, 0.0,
-                                       ROUNDING_ULPS * EPS * max(1.0, scale), "autograd vs tilt-score closed form"))
+                                       ROUNDING_ULPS * EPS * max(1.0, scale), "autograd vs tilt-score closed form",
+                                       kind="exact"))
         if p.data.K != 1:
             obj = optimal_objective(p)
             out.append(CheckResult.compare(f"optimal-identities/{name}/quadrature-error", obj.quad_error, 0.0,
-                                           1e-10, "Gauss-Hermite n vs 3n/4 nodes, max over mean, cov, weights, J*"))
+                                           1e-10, "Gauss-Hermite n vs 3n/4 nodes, max over mean, cov, weights, J*",
+                                           kind="exact"))
             continue
         law = optimal_terminal_law(p)
         lq = optimal_terminal_law(p, "quadrature")
@@ -121,16 +132,17 @@ def identities():
         tol = ROUNDING_ULPS * EPS * max(1.0, float(law.cov.abs().max()), float(law.mean.abs().max()))
         out.append(CheckResult.compare(f"optimal-identities/{name}/law-quadrature",
                                        max((law.mean - lq.mean).abs().max(), (law.cov - lq.cov).abs().max()), 0.0,
-                                       tol, "max|mean, var diff|"))
+                                       tol, "max|mean, var diff|", kind="exact"))
         out.append(CheckResult.compare(f"optimal-identities/{name}/law-tilted-reverse",
                                        max((law.mean - mt).abs().max(), (law.cov - Ct).abs().max()), 0.0, tol,
-                                       "vs exact_laws.reverse_sde_terminal_law(naive tilt)"))
+                                       "vs exact_laws.reverse_sde_terminal_law(naive tilt)", kind="exact"))
         obj, objq = optimal_objective(p), optimal_objective(p, "quadrature")
         out.append(CheckResult.compare(f"optimal-identities/{name}/J-quadrature", objq.J, obj.J,
-                                       ROUNDING_ULPS * EPS * max(1.0, abs(obj.J))))
+                                       ROUNDING_ULPS * EPS * max(1.0, abs(obj.J)), kind="exact"))
         kl_path, err = quad(lambda t: optimal_path_kl_rate(p, t), 0.0, p.sde.T, epsabs=1e-12, epsrel=1e-12, limit=200)
         out.append(CheckResult.compare(f"optimal-identities/{name}/KL-Girsanov", kl_path, obj.kl,
-                                       err + ROUNDING_ULPS * EPS * max(1.0, obj.kl), "int 1/2 g^2 E||a*-s_pre||^2 dt"))
+                                       err + ROUNDING_ULPS * EPS * max(1.0, obj.kl), "int 1/2 g^2 E||a*-s_pre||^2 dt",
+                                       kind="exact"))
     return out
 
 
@@ -160,24 +172,35 @@ def _gauss_rollout(name: str):
     return ro, discrete_gaussian_objective(p, grid)
 
 
+def _mc_or_exact(name: str, samples: torch.Tensor, exact: float, se: float, note: str) -> CheckResult:
+    return CheckResult.sampled(name, samples.mean(), exact, se, _rd(exact), note)
+
+
 @check("optimal-mc-gauss")
 def mc_gauss():
-    """EM (K=400) with the closed-form optimal score from N(0,1): mean, var, J* and the path KL, all four Gaussian
-    presets. tol = Z SE + |discrete - continuous| (the exact discrete law of the affine sampler)."""
+    """EM (K=400) with the closed-form optimal score from N(0,1), all four Gaussian presets.
+
+    Monte Carlo: mean, var, J* and the path KL against the exact law of the same discrete sampler (Z SE). Order: the
+    exact discrete values at K = 400, 800, 1600, extrapolated (Richardson, order 1), land on the closed-form optimum
+    (terminal mean and variance, J*, KL*).
+    """
     out = []
     for name in GAUSS_PRESETS:
         p = toy_preset(name)
         ro, disc = _gauss_rollout(name)
         law, obj = optimal_terminal_law(p), optimal_objective(p)
-        x, note = ro.x, f"K={K_GAUSS}, n={N_GAUSS}"
-        out.append(CheckResult.compare(f"optimal-mc-gauss/{name}/mean", x.mean(), law.mean[0],
-                                       Z * _se(x) + abs(float(disc.mean[0] - law.mean[0])), note))
-        out.append(CheckResult.compare(f"optimal-mc-gauss/{name}/var", x.var(), law.cov[0, 0],
-                                       Z * _var_se(x) + abs(float(disc.cov[0, 0] - law.cov[0, 0])), note))
-        out.append(CheckResult.compare(f"optimal-mc-gauss/{name}/J*", ro.objective.mean(), obj.J,
-                                       Z * _se(ro.objective) + abs(disc.objective - obj.J), note))
-        out.append(CheckResult.compare(f"optimal-mc-gauss/{name}/KL", ro.kl.mean(), obj.kl,
-                                       Z * _se(ro.kl) + abs(disc.kl - obj.kl) + _rd(obj.kl), note))
+        x, note = ro.x, f"K={K_GAUSS}, n={N_GAUSS}: simulation vs the exact discrete law"
+        out.append(CheckResult.monte_carlo(f"optimal-mc-gauss/{name}/mean", x.mean(), disc.mean[0], _se(x), note))
+        out.append(CheckResult.monte_carlo(f"optimal-mc-gauss/{name}/var", x.var(), disc.cov[0, 0], _var_se(x), note))
+        out.append(_mc_or_exact(f"optimal-mc-gauss/{name}/J*", ro.objective, disc.objective, _se(ro.objective), note))
+        out.append(_mc_or_exact(f"optimal-mc-gauss/{name}/KL", ro.kl, disc.kl, _se(ro.kl), note))
+        Ks = [K_GAUSS, 2 * K_GAUSS, 4 * K_GAUSS]
+        ds = [disc] + [discrete_gaussian_objective(p, TimeGrid.uniform(p.sde.T, K)) for K in Ks[1:]]
+        for q, vals, cf in [("mean", [float(d.mean[0]) for d in ds], float(law.mean[0])),
+                            ("var", [float(d.cov[0, 0]) for d in ds], float(law.cov[0, 0])),
+                            ("J*", [d.objective for d in ds], obj.J), ("KL", [d.kl for d in ds], obj.kl)]:
+            out.append(richardson_check(f"optimal-mc-gauss/{name}/{q}/richardson", Ks, vals, cf, 1.0,
+                                        "exact discrete optimum vs the closed form"))
     return out
 
 
@@ -185,8 +208,9 @@ def mc_gauss():
 def naive_rejected():
     """-short presets: the simulated optimum sits many SEs away from the naive tilt p e^{r/beta}/Z.
 
-    computed = |MC mean - naive-tilt mean| / SE; closed form = |exact optimum - naive| / SE; passes when these agree
-    within Z + bias/SE *and* the gap exceeds 10 Z standard errors (the naive tilt is visibly wrong).
+    In units of the Monte-Carlo SE of the terminal mean: computed = |MC mean - naive-tilt mean| / SE; the exact value
+    of the same quantity for the discrete sampler is |exact discrete mean - naive| / SE; they must agree within Z,
+    *and* the gap must exceed 10 Z (the naive tilt is visibly wrong).
     """
     out = []
     for name in SHORT_PRESETS:
@@ -194,55 +218,83 @@ def naive_rejected():
         ro, disc = _gauss_rollout(name)
         se = _se(ro.x)
         naive, law = float(naive_tilt_law(p).mean[0]), float(optimal_terminal_law(p).mean[0])
-        gap_mc, gap_cf = abs(float(ro.x.mean()) - naive) / se, abs(law - naive) / se
-        tol = Z + abs(float(disc.mean[0]) - law) / se
-        out.append(CheckResult(f"optimal-naive-tilt-rejected/{name}", gap_mc, gap_cf, tol,
-                               abs(gap_mc - gap_cf) <= tol and gap_mc > 10 * Z,
-                               f"naive mean {naive:.4f} vs optimum {law:.4f}; gaps in SE units"))
+        gap_mc, gap_disc = abs(float(ro.x.mean()) - naive) / se, abs(float(disc.mean[0]) - naive) / se
+        r = CheckResult.monte_carlo(f"optimal-naive-tilt-rejected/{name}", gap_mc, gap_disc, 1.0,
+                                    f"naive mean {naive:.4f} vs optimum {law:.4f}; gaps in SE units; must exceed "
+                                    f"{10 * Z:g}")
+        r.ok = r.ok and gap_mc > 10 * Z
+        out.append(r)
     return out
+
+
+MIXTURE_STATS = ("mean[0]", "mean[1]", "cov", "weights", "J*", "KL")
+
+
+@lru_cache(maxsize=None)
+def _mixture_pair():
+    p = toy_preset("mixture2d-linear")
+    with _one_thread():
+        return sample_optimal_coupled(p, N_MIX, K_MIX, torch.Generator().manual_seed(60))
 
 
 @check("optimal-mc-mixture")
 def mc_mixture():
-    """mixture2d-linear: EM (K=200) with the optimal score from N(0, I) vs the Gauss-Hermite closed forms:
-    mean, covariance, mode weights (nearest mode) and J*. tol = Z SE + coupled Richardson bias (K vs K/2 on the same
-    Brownian path: |diff| + Z SE of the diff) + quadrature error (+ the misassignment bound for the weights)."""
+    """mixture2d-linear: EM (K=800) with the optimal score from N(0, I) vs the Gauss-Hermite closed forms: mean,
+    covariance, mode weights (nearest mode; modes with w* >= 0.01), J* and the KL, at Z SE.
+
+    No exact discrete law exists, so one row per statistic asserts that the bias allowance -- the coupled K vs K/2
+    bound |mean(coarse - fine)| + Z SE(coarse - fine) (weak order 1), plus the quadrature error, plus for the weights
+    the misassignment bound -- is below one standard error of that statistic at this K. (At K = 200 it is not:
+    the bias of the covariance and of the mode weights is then about half a standard error, and the coupled bound,
+    whose noise shrinks only slowly with K for an indicator statistic, exceeds one.)
+    """
     p = toy_preset("mixture2d-linear")
-    with _one_thread():
-        fine, coarse = sample_optimal_coupled(p, N_MIX, K_MIX, torch.Generator().manual_seed(60))
+    fine, coarse = _mixture_pair()
     law, obj = optimal_terminal_law(p), optimal_objective(p)
     n, note = N_MIX, f"K={K_MIX}, n={N_MIX}"
 
-    def bias(a: torch.Tensor, b: torch.Tensor) -> float:       # per-sample statistics of coarse and fine runs
+    def bias(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:   # per-sample statistics (n, m) of coarse, fine
         d = a - b
-        return abs(float(d.mean())) + Z * _se(d)
+        return d.mean(0).abs() + Z * d.std(0) / math.sqrt(n)
 
-    out = []
+    def se(v: torch.Tensor) -> torch.Tensor:
+        return v.std(0) / math.sqrt(n)
+
+    out, ratios = [], {}
     for i in range(2):
-        out.append(CheckResult.compare(f"optimal-mc-mixture/mean[{i}]", fine.x[:, i].mean(), law.mean[i],
-                                       Z * _se(fine.x[:, i]) + bias(coarse.x[:, i], fine.x[:, i]) + law.quad_error,
-                                       note))
+        out.append(CheckResult.monte_carlo(f"optimal-mc-mixture/mean[{i}]", fine.x[:, i].mean(), law.mean[i],
+                                           _se(fine.x[:, i]), note))
+        ratios[f"mean[{i}]"] = float((bias(coarse.x[:, i:i + 1], fine.x[:, i:i + 1]) + law.quad_error)
+                                     / se(fine.x[:, i:i + 1]))
     xf, xc = fine.x - fine.x.mean(0), coarse.x - coarse.x.mean(0)
     prod_f = (xf[:, :, None] * xf[:, None, :]).reshape(n, -1)
     prod_c = (xc[:, :, None] * xc[:, None, :]).reshape(n, -1)
-    dev = (prod_f.mean(0) * n / (n - 1) - law.cov.reshape(-1)).abs()
-    se_c = prod_f.std(0) / math.sqrt(n)
-    b_c = torch.tensor([bias(prod_c[:, j], prod_f[:, j]) for j in range(4)])
-    out.append(CheckResult.compare("optimal-mc-mixture/max|cov-C*|", dev.max(), 0.0,
-                                   float((Z * se_c + b_c).max()) + law.quad_error, note))
-    kf, kc = p.data.nearest_component(fine.x), p.data.nearest_component(coarse.x)
-    oh_f = torch.nn.functional.one_hot(kf, p.data.K).double()
-    oh_c = torch.nn.functional.one_hot(kc, p.data.K).double()
-    w_mc = oh_f.mean(0)
+    dev = prod_f.mean(0) * n / (n - 1) - law.cov.reshape(-1)
+    j = int(torch.argmax(dev.abs() / se(prod_f)))
+    out.append(CheckResult.monte_carlo("optimal-mc-mixture/cov*", prod_f[:, j].mean() * n / (n - 1),
+                                       law.cov.reshape(-1)[j], float(se(prod_f)[j]),
+                                       f"{note}; the covariance entry {divmod(j, 2)} furthest from C* in SE units"))
+    ratios["cov"] = float(((bias(prod_c, prod_f) + law.quad_error) / se(prod_f)).max())
+    oh_f = torch.nn.functional.one_hot(p.data.nearest_component(fine.x), p.data.K).double()
+    oh_c = torch.nn.functional.one_hot(p.data.nearest_component(coarse.x), p.data.K).double()
+    keep = law.weights >= MIN_WEIGHT
     se_w = torch.sqrt(law.weights * (1 - law.weights) / n)
-    b_w = torch.tensor([bias(oh_c[:, j], oh_f[:, j]) for j in range(p.data.K)])
+    dev_w = torch.where(keep, (oh_f.mean(0) - law.weights).abs() / se_w, torch.zeros_like(se_w))
+    k = int(torch.argmax(dev_w))
     mis = mode_misassignment_bound(p)
-    out.append(CheckResult.compare("optimal-mc-mixture/max|w_k-w*_k|", (w_mc - law.weights).abs().max(), 0.0,
-                                   float((Z * se_w + b_w).max()) + mis + law.quad_error,
-                                   f"{note}, w*_0={float(law.weights[0]):.4f}, misassignment<={mis:.1e}"))
-    out.append(CheckResult.compare("optimal-mc-mixture/J*", fine.objective.mean(), obj.J,
-                                   Z * _se(fine.objective) + bias(coarse.objective, fine.objective) + obj.quad_error,
-                                   note))
-    out.append(CheckResult.compare("optimal-mc-mixture/KL", fine.kl.mean(), obj.kl,
-                                   Z * _se(fine.kl) + bias(coarse.kl, fine.kl) + obj.quad_error, note))
+    out.append(CheckResult.monte_carlo("optimal-mc-mixture/w*", oh_f[:, k].mean(), law.weights[k], float(se_w[k]),
+                                       f"{note}; mode {k}, of the {int(keep.sum())} modes with w* >= {MIN_WEIGHT:g} "
+                                       f"the one furthest from w* in SE units; w*_0={float(law.weights[0]):.4f}"))
+    ratios["weights"] = float(((bias(oh_c, oh_f) + mis + law.quad_error) / se_w)[keep].max())
+    out.append(CheckResult.monte_carlo("optimal-mc-mixture/J*", fine.objective.mean(), obj.J, _se(fine.objective),
+                                       note))
+    ratios["J*"] = float((bias(coarse.objective[:, None], fine.objective[:, None]) + obj.quad_error)
+                         / se(fine.objective[:, None]))
+    out.append(CheckResult.monte_carlo("optimal-mc-mixture/KL", fine.kl.mean(), obj.kl, _se(fine.kl), note))
+    ratios["KL"] = float((bias(coarse.kl[:, None], fine.kl[:, None]) + obj.quad_error) / se(fine.kl[:, None]))
+    for stat, r in ratios.items():
+        out.append(CheckResult.compare(f"optimal-mc-mixture/bias-bound/SE/{stat}", r, 0.0, 1.0,
+                                       f"{note}: (coupled K/2 bias bound + quadrature error"
+                                       f"{' + misassignment ' + format(mis, '.1e') if stat == 'weights' else ''}) / SE",
+                                       kind="order"))
     return out

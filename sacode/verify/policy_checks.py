@@ -2,13 +2,16 @@
 
 All on the 1-D Gaussian toys with the affine family mu = s_pre + theta0(t) + theta1(t) x (5 hat knots), where
 J, V^theta, q, grad J and the performance difference are exact (moment ODEs, rtol 1e-10). Monte-Carlo checks
-allow Z standard errors plus the estimator's exact discretisation bias on its grid (computed from the exact
-moments of the Euler-Maruyama chain) plus the finite-difference error; exact checks allow EXACT_TOL.
+compare a simulation with the exact mean of the same estimator on its grid (the exact moments of the
+Euler-Maruyama chain) at Z standard errors; separate order rows extrapolate those exact grid values (Richardson,
+K, 2K, 4K) onto the continuous closed form (V^theta, the finite-difference derivative of the exact J). Exact checks
+allow EXACT_TOL.
 """
 from __future__ import annotations
 
 import functools
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -18,7 +21,8 @@ from ..theory.affine_policy import AffineScoreFamily
 from ..theory.presets import toy_preset
 from ..dynamics.grid import TimeGrid
 from ..dynamics.time import diffusion_time
-from . import Z, CheckResult, check
+from . import CheckResult, check
+from .convergence import order_check, richardson_check
 
 EXACT_TOL = 1e-8
 """Tolerance of comparisons between exact ODE results: 100 x the integrators' rtol (1e-10) on O(1) values."""
@@ -46,13 +50,18 @@ def _family(name: str) -> tuple[AffineScoreFamily, object]:
     return AffineScoreFamily.from_preset(p, 5), p
 
 
+def _value_grid(s0: float, K: int, T: float) -> TimeGrid:
+    return TimeGrid(torch.linspace(s0, 0.0, K + 1, dtype=torch.float64), T)
+
+
 @check("policy-value")
 @_one_thread
 def policy_value():
-    """V^theta(t, x) from the backward ODEs vs the mean Monte-Carlo return from (t, x) (gauss1d-quadratic, THETA_NT).
+    """V^theta(t, x) from the backward ODEs vs Monte-Carlo returns from (t, x) (gauss1d-quadratic, THETA_NT).
 
-    Returns use Euler-Maruyama with per-step KLs; their exact mean on the grid, V_K(t, x), comes from the discrete
-    moment recursion, and |V_K - V| is added to Z standard errors. Also E V^theta(0, X_0) = J(theta) (exact).
+    Returns use Euler-Maruyama with per-step KLs. Monte Carlo: the mean return against its exact mean on the same
+    grid, V_K(t, x), from the discrete moment recursion started at the point mass (Z SE). Order: V_K at K, 2K, 4K
+    extrapolated (Richardson) onto V^theta(t, x). Also E V^theta(0, X_0) = J(theta) (exact).
     """
     fam, p = _family("gauss1d-quadratic")
     V = pe.value_function(fam, THETA_NT, p.reward, p.beta)
@@ -61,17 +70,20 @@ def policy_value():
     for t0, x0 in [(0.0, 0.0), (0.5, -1.0), (0.85, 2.5)]:
         s0 = diffusion_time(t0, fam.T)
         K = max(20, int(round(200 * s0)))
-        grid = TimeGrid(torch.linspace(s0, 0.0, K + 1, dtype=torch.float64), fam.T)
+        grid = _value_grid(s0, K, fam.T)
         gen = torch.Generator().manual_seed(11)
         R = pe.sample_returns(fam, THETA_NT, p.reward, p.beta, grid, torch.full((n,), x0, dtype=torch.float64), gen)
-        vk = pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, grid, mean0=x0, var0=0.0).objective
+        vks = [pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, _value_grid(s0, k, fam.T), mean0=x0,
+                                     var0=0.0).objective for k in (K, 2 * K, 4 * K)]
         v = float(V(t0, torch.tensor([x0], dtype=torch.float64)))
         se = float(R.std()) / math.sqrt(n)
-        out.append(CheckResult.compare(f"policy-value/V(t={t0:g},x={x0:g})", R.mean(), v, Z * se + abs(vk - v),
-                                       f"n={n}, K={K}, grid bias {vk - v:+.1e}"))
+        out.append(CheckResult.monte_carlo(f"policy-value/V(t={t0:g},x={x0:g})", R.mean(), vks[0], se,
+                                           f"n={n}, K={K}: mean return vs its exact mean V_K on the grid"))
+        out.append(richardson_check(f"policy-value/V(t={t0:g},x={x0:g})/richardson", [K, 2 * K, 4 * K], vks, v, 1.0,
+                                    "V_K vs V^theta (backward ODEs)", extra_tol=EXACT_TOL))
     J = pe.objective(fam, THETA_NT, p.reward, p.beta).objective
     out.append(CheckResult.compare("policy-value/E V(0,X0) = J", V.mean(0.0, 0.0, fam.sde.prior_std() ** 2), J,
-                                   EXACT_TOL, "backward Feynman-Kac ODE vs forward moment ODE"))
+                                   EXACT_TOL, "backward Feynman-Kac ODE vs forward moment ODE", kind="exact"))
     return out
 
 
@@ -81,7 +93,8 @@ def policy_q():
     """The closed-form q-function vs its definition q = d_t V + b.grad V + g^2/2 V'' + r, and int q dpi = 0.
 
     d_t V by central differences of the dense ODE solution (steps h, h/2; error |D_h - D_{h/2}|); int q dpi by
-    5-point Gauss-Hermite quadrature, exact for a quadratic in a (tolerance: float64 rounding of the summands).
+    5-point Gauss-Hermite quadrature, exact for a quadratic in a (tolerance: float64 rounding of the summands). The
+    second holds for any beta and any V (the closed form is centred by construction): an identity row.
     """
     fam, p = _family("gauss1d-quadratic")
     beta = p.beta
@@ -107,7 +120,7 @@ def policy_q():
         worst = max(worst, float((q_def - q_cf).abs().max()))
         tol = max(tol, float(err.max()))
     out.append(CheckResult.compare("policy-q/closed form = definition", worst, 0.0, tol,
-                                   "max over 9 (t, x, a); d_t V by finite differences"))
+                                   "max over 9 (t, x, a); d_t V by finite differences", kind="exact"))
     nodes, weights = np.polynomial.hermite_e.hermegauss(5)
     weights = weights / weights.sum()
     worst, scale = 0.0, 0.0
@@ -119,7 +132,7 @@ def policy_q():
             worst = max(worst, float(mean.abs().max()))
             scale = max(scale, float(qs.abs().max()))
     out.append(CheckResult.compare("policy-q/int q dpi = 0", worst, 0.0, 50 * np.finfo(float).eps * scale,
-                                   "Gauss-Hermite, 6 (t, Sigma) x 3 x"))
+                                   "Gauss-Hermite, 6 (t, Sigma) x 3 x", kind="identity"))
     return out
 
 
@@ -137,12 +150,14 @@ def policy_gradient():
 
     For gauss1d-linear and gauss1d-quadratic, at theta = 0 (pretrained) and THETA_NT: the exact pathwise formula
     (moments) vs central differences of J in every component; then each estimator along two directions, a constant
-    shift of theta0 and a constant theta1, vs the directional finite difference. Tolerance of the Monte-Carlo rows:
-    Z * SE + |exact mean of the estimator on its grid - FD| + FD error.
+    shift of theta0 and a constant theta1. Monte Carlo: the estimate against its exact mean on the same grid
+    (Z SE). Order: that exact mean at K, 2K, 4K extrapolated (Richardson) onto the directional finite difference of
+    the exact J (plus the finite-difference error).
     """
     out = []
     n, K = 20000, 200
     grid = TimeGrid.uniform(1.0, K)
+    Ks = [K, 2 * K, 4 * K]
     nb = 5
     dirs = {"shift0": np.r_[np.ones(nb), np.zeros(nb)], "theta1": np.r_[np.zeros(nb), np.ones(nb)]}
     for name in ["gauss1d-linear", "gauss1d-quadratic"]:
@@ -155,22 +170,42 @@ def policy_gradient():
                                                     theta, noise=pe.objective_noise(J))
             i = int(np.argmax(np.abs(g_exact - fd) - err))
             out.append(CheckResult.compare(f"policy-gradient/{name}/{tlabel}/exact vs FD", g_exact[i], fd[i],
-                                           err[i] + EXACT_TOL, f"worst of {theta.size} components (#{i})"))
-            gen = torch.Generator().manual_seed(12)
-            traj = pe.sample_trajectories(fam, theta, n, grid, gen)
+                                           err[i] + EXACT_TOL, f"worst of {theta.size} components (#{i})",
+                                           kind="exact"))
+            traj = _trajectories(name, tlabel, n, K)
             ests = {"pathwise": pe.pathwise_gradient(fam, theta, traj, V, p.beta),
                     "lr-exact": pe.likelihood_ratio_gradient(fam, theta, traj, V, p.beta, "exact")}
             for form, est in ests.items():
-                mean_k = pe.expected_estimate(fam, theta, V, p.beta, grid, form)
+                means = [_grid_mean(name, tlabel, form, k) for k in Ks]
                 for dlabel, d in dirs.items():
                     fd_d, err_d = _directional_fd(fam, p, theta, d)
                     samples = est.samples @ d
                     se = float(samples.std(ddof=1)) / math.sqrt(n)
-                    bias = abs(float(mean_k @ d) - fd_d)
-                    out.append(CheckResult.compare(f"policy-gradient/{name}/{tlabel}/{form}/{dlabel}",
-                                                   samples.mean(), fd_d, Z * se + bias + err_d,
-                                                   f"n={n}, K={K}, se={se:.1e}, grid bias={bias:.1e}"))
+                    row = f"policy-gradient/{name}/{tlabel}/{form}/{dlabel}"
+                    exact_mean = float(means[0] @ d)
+                    out.append(CheckResult.sampled(row, samples.mean(), exact_mean, se,
+                                                   K * 64 * np.finfo(float).eps * max(1.0, abs(exact_mean)),
+                                                   f"n={n}, K={K}: estimate vs its exact mean on the grid"))
+                    out.append(richardson_check(row + "/richardson", Ks, [float(m @ d) for m in means], fd_d, 1.0,
+                                                f"exact mean on the grid vs the finite difference of J "
+                                                f"(FD error {err_d:.1e})", extra_tol=err_d))
     return out
+
+
+@lru_cache(maxsize=None)
+def _grid_mean(name: str, tlabel: str, form: str, K: int) -> np.ndarray:
+    """The exact mean of an estimator on the uniform K-step grid (a discrete quantity: no closed form enters)."""
+    fam, p = _family(name)
+    theta = np.zeros(10) if tlabel == "pre" else THETA_NT
+    V = pe.value_function(fam, theta, p.reward, p.beta)
+    return pe.expected_estimate(fam, theta, V, p.beta, TimeGrid.uniform(1.0, K), form)
+
+
+@lru_cache(maxsize=None)
+def _trajectories(name: str, tlabel: str, n: int, K: int):
+    fam, _ = _family(name)
+    theta = np.zeros(10) if tlabel == "pre" else THETA_NT
+    return pe.sample_trajectories(fam, theta, n, TimeGrid.uniform(1.0, K), torch.Generator().manual_seed(12))
 
 
 @check("policy-pd")
@@ -190,12 +225,13 @@ def policy_performance_difference():
             r = pe.performance_difference(fam, theta, theta + eps * d, p.reward, p.beta)
             out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/formula", r.pdl, r.difference,
                                            EXACT_TOL * (1 + abs(r.j_old) + abs(r.j_new)),
-                                           "E^theta' int A dt vs J(theta') - J(theta)"))
+                                           "E^theta' int A dt vs J(theta') - J(theta)", kind="exact"))
             out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/|J-L| <= marginal bound", r.local_error,
                                            0.0, r.bound_marginal, f"KL path {r.kl_path:.2e}; sup-bound "
-                                           f"{'inf' if math.isinf(r.bound_sup) else f'{r.bound_sup:.2e}'}"))
+                                           f"{'inf' if math.isinf(r.bound_sup) else f'{r.bound_sup:.2e}'}",
+                                           kind="exact"))
             out.append(CheckResult.compare(f"policy-pd/{name}/eps={eps:g}/|J-L| <= path bound", r.local_error,
-                                           0.0, r.bound_path))
+                                           0.0, r.bound_path, kind="exact"))
     return out
 
 
@@ -216,11 +252,13 @@ def policy_optimal():
         ofam = pe.optimal_family(fam, p.reward, p.beta)
         J_theta = pe.objective(ofam, ofam.zeros(), p.reward, p.beta).objective
         J_star = pe.affine_optimal_objective(fam, p.reward, p.beta)
-        out.append(CheckResult.compare(f"policy-optimal/{name}/J(theta*) = J*", J_theta, J_star, EXACT_TOL))
+        out.append(CheckResult.compare(f"policy-optimal/{name}/J(theta*) = J*", J_theta, J_star, EXACT_TOL,
+                                       kind="exact"))
         out.append(CheckResult.compare(f"policy-optimal/{name}/J* vs sacode.theory.optimal", J_star,
-                                       opt.optimal_objective(p).J, EXACT_TOL, "two closed forms"))
+                                       opt.optimal_objective(p).J, EXACT_TOL, "two closed forms", kind="exact"))
         g = pe.exact_gradient(ofam, ofam.zeros(), p.reward, p.beta)
-        out.append(CheckResult.compare(f"policy-optimal/{name}/max|grad J(theta*)|", np.abs(g).max(), 0.0, EXACT_TOL))
+        out.append(CheckResult.compare(f"policy-optimal/{name}/max|grad J(theta*)|", np.abs(g).max(), 0.0, EXACT_TOL,
+                                       kind="exact"))
         if name.endswith("-short"):
             continue
         for dlabel, d in [("shift0", np.r_[0.3 * np.ones(5), np.zeros(5)]),
@@ -228,7 +266,7 @@ def policy_optimal():
             J_pert = pe.objective(ofam, d, p.reward, p.beta).objective
             kl = pe.path_kl(ofam, d, ofam.zeros())
             out.append(CheckResult.compare(f"policy-optimal/{name}/J*-J(theta*+{dlabel}) = beta KL", J_star - J_pert,
-                                           p.beta * kl, EXACT_TOL, f"gap {J_star - J_pert:.3e} > 0"))
+                                           p.beta * kl, EXACT_TOL, f"gap {J_star - J_pert:.3e} > 0", kind="exact"))
     return out
 
 
@@ -237,14 +275,12 @@ def policy_optimal():
 def policy_discrete():
     """J_K of the Euler-Maruyama sampler (exact moment recursion) converges to J at first order in 1/K.
 
-    gauss1d-quadratic at THETA_NT; slope of log|J_K - J| vs log K over K = 50..400, tolerance 0.1 as for the
-    samplers' weak-order checks.
+    gauss1d-quadratic at THETA_NT, K = 50..400: the slope of log|J_K - J| against log K (tolerance 0.1, as for the
+    samplers' weak-order checks), and the Richardson extrapolation of J_K onto J.
     """
     fam, p = _family("gauss1d-quadratic")
     J = pe.objective(fam, THETA_NT, p.reward, p.beta).objective
     Ks = [50, 100, 200, 400]
-    errs = [abs(pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, TimeGrid.uniform(1.0, K)).objective - J)
-            for K in Ks]
-    slope = -float(np.polyfit(np.log(Ks), np.log(errs), 1)[0])
-    return [CheckResult.compare("policy-discrete/em order of J_K -> J", slope, 1.0, 0.1,
-                                f"|J_K - J| {errs[0]:.2e} -> {errs[-1]:.2e}")]
+    JK = [pe.discrete_objective(fam, THETA_NT, p.reward, p.beta, TimeGrid.uniform(1.0, K)).objective for K in Ks]
+    return [order_check("policy-discrete/em order of J_K -> J", Ks, JK, J, 1.0),
+            richardson_check("policy-discrete/J_K -> J/richardson", Ks[1:], JK[1:], J, 1.0, extra_tol=EXACT_TOL)]
