@@ -70,7 +70,7 @@ VALUE_KINDS = ("exact-K", "exact-continuous")
 """Exact values this module computes: the K-step value of the policy, and the continuous-time V^theta on the grid."""
 
 __all__ = ["ALGOS", "VALUE_KINDS", "GridSteps", "grid_steps", "discrete_value", "continuous_value",
-           "discrete_gradient", "optimal_theta", "Paths", "sample_paths", "quadratic_values", "estimator_samples",
+           "discrete_gradient", "optimal_theta", "Paths", "paths_from_states", "sample_paths", "quadratic_values", "estimator_samples",
            "relative_variance", "EstimatorMoments", "estimator_moments"]
 
 
@@ -246,6 +246,14 @@ class Paths:
     @property
     def n(self) -> int:
         return self.xs.shape[1]
+
+
+def paths_from_states(steps: GridSteps, xs: Tensor) -> Paths:
+    """The paths of recorded states xs (K + 1, n, d) or (K + 1, n) (e.g. an engine rollout of the same policies),
+    with the noises z_k = (x_{k+1} - gain_k x_k - offset_k) / c_k read off the steps."""
+    xs = xs.reshape(xs.shape[0], xs.shape[1], steps.d).double()
+    g, o, c = (torch.as_tensor(a)[:, None, :] for a in (steps.gain, steps.offset, steps.std))
+    return Paths(xs, (xs[1:] - g * xs[:-1] - o) / c)
 
 
 def sample_paths(steps: GridSteps, n: int, generator: torch.Generator) -> Paths:
