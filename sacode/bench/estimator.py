@@ -60,12 +60,12 @@ DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 64
 
 
 def _sizes(profile: str) -> dict:
-    return {"ci": dict(n=256, dims=(1, 8), Ks=(10, 20), fracs=(0.0, 0.9), kinds=("linear",), train=True,
-                       fit_batches=2, fit_n=256, digits=False),
+    return {"ci": dict(n=256, dims=(1, 8), Ks=(10,), fracs=(0.0, 0.9), kinds=("linear",), train=True,
+                       fit_batches=2, fit_n=128, train_batch=64, digits=False),
             "class": dict(n=2048, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
-                          fit_n=FIT_N, digits=True),
+                          fit_n=FIT_N, train_batch=TRAIN_BATCH, digits=True),
             "full": dict(n=8192, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
-                         fit_n=FIT_N, digits=True)}[profile]
+                         fit_n=FIT_N, train_batch=TRAIN_BATCH, digits=True)}[profile]
 
 
 def _batch_cos(samples: torch.Tensor, grad: np.ndarray, B: int) -> float | None:
@@ -195,7 +195,7 @@ def _training_rows(sz: dict, seed: int, log) -> tuple[list[dict], dict]:
             for label, over in (("training", {}), ("training-improved", IMPROVED)):
                 p, cps, fam, env, tr = _toy_env(name)
                 cfg = make_config(name, "ctpo", "class", 0,
-                                  {"progress": False, "K": TRAIN_K, "batch": TRAIN_BATCH, **over}).replace(beta=p.beta)
+                                  {"progress": False, "K": TRAIN_K, "batch": sz["train_batch"], **over}).replace(beta=p.beta)
                 torch.manual_seed(seed)
                 pol = AffinePolicy(env, fam.basis)
                 algo = make_algorithm("ctpo", env, pol, cfg, tr)

@@ -28,7 +28,7 @@ from ..dynamics.gaussian_step import gaussian_log_prob, transition_kl
 from ..dynamics.shapes import expand_time, sum_event
 from ..dynamics.transition import Transition
 from ..theory.control import Rollout
-from ..theory.estimators import ALGOS
+from ..theory.estimators import ESTIMATOR_ALGOS
 from .value import skip_on_rollout, value_on_rollout
 
 __all__ = ["value_along_states", "leave_one_out", "trajectory_gradients"]
@@ -74,8 +74,8 @@ def trajectory_gradients(algo: str, env, policy: nn.Module, transition: Transiti
                          value: nn.Module | None = None) -> Tensor:
     """One gradient estimate per trajectory of ``batch``, shape (n, number of trainable parameters) (module
     docstring). ``value``: the value network ctpo and ctpo-pathwise use, dpok's reward critic for dpok."""
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGOS)}")
+    if algo not in ESTIMATOR_ALGOS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ESTIMATOR_ALGOS)}")
     params = [p for p in policy.parameters() if p.requires_grad]
     K, n = batch.K, batch.n
     s = batch.grid.s.to(batch.xs)

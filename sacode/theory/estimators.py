@@ -63,13 +63,13 @@ from .policy_eval import PolicyValue, discrete_objective, optimal_affine_control
 from ..dynamics.gaussian_step import gaussian_step
 from ..dynamics.grid import TimeGrid
 
-ALGOS = ("ddpo", "ctpo", "ctpo-pathwise", "dpok", "backprop")
+ESTIMATOR_ALGOS = ("ddpo", "ctpo", "ctpo-pathwise", "dpok", "backprop")
 """The estimators of this module, named after the engine algorithms whose surrogate gradients they are."""
 
 VALUE_KINDS = ("exact-K", "exact-continuous")
 """Exact values this module computes: the K-step value of the policy, and the continuous-time V^theta on the grid."""
 
-__all__ = ["ALGOS", "VALUE_KINDS", "GridSteps", "grid_steps", "discrete_value", "continuous_value",
+__all__ = ["ESTIMATOR_ALGOS", "VALUE_KINDS", "GridSteps", "grid_steps", "discrete_value", "continuous_value",
            "discrete_gradient", "optimal_theta", "Paths", "paths_from_states", "sample_paths", "quadratic_values", "estimator_samples",
            "relative_variance", "EstimatorMoments", "estimator_moments"]
 
@@ -298,8 +298,8 @@ def estimator_samples(steps: GridSteps, paths: Paths, algo: str, values: Tensor 
     grad_x V(t_k, x_k) (ctpo-pathwise). Any value works (exact, fitted, a network during training); the terminal
     entries are replaced by the reward and its gradient, as the engine does. Baselines are leave-one-out means.
     """
-    if algo not in ALGOS:
-        raise ValueError(f"unknown estimator {algo!r}; choose one of {', '.join(ALGOS)}")
+    if algo not in ESTIMATOR_ALGOS:
+        raise ValueError(f"unknown estimator {algo!r}; choose one of {', '.join(ESTIMATOR_ALGOS)}")
     K = steps.K
     xs, zs = paths.xs, paths.zs
     x, xK = xs[:-1], xs[-1]
@@ -550,7 +550,7 @@ def estimator_moments(steps: GridSteps, algo: str, value: np.ndarray | None = No
         cross = float(mo[(2, 0)].sum() * var_R)
         extra |= {"var_return": var_R, "E_score2": float(mo[(2, 0)].sum())}
     else:
-        raise ValueError(f"unknown estimator {algo!r}; choose one of {', '.join(ALGOS)}")
+        raise ValueError(f"unknown estimator {algo!r}; choose one of {', '.join(ESTIMATOR_ALGOS)}")
     return EstimatorMoments(algo, mean, second - mean**2, cross, extra)
 
 
