@@ -399,6 +399,7 @@ def estimator_benchmark(profile: str, seeds: int = 1, presets=None, algos=None, 
                         out: Path = Path("figures"), **_) -> dict:
     """The benchmark of the module docstring (``presets``: restrict the kinds, e.g. ["linear"], or ["digits"] /
     ["no-digits"] to run only / skip the digits part)."""
+    torch.set_num_threads(1)             # small tensors: one thread is faster and shares the cores (as the chapters)
     sz = _sizes(profile)
     if presets:
         kinds = [k for k in presets if k in KINDS]

@@ -454,6 +454,11 @@ def _joint_moments(steps: GridSteps, a_step, b_step, a_end, b_end, orders: list[
     return {key: wq @ (L0 @ val) for key, val in M.items()}
 
 
+def _no_step(k: int, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """A functional without per-step terms (the second functional of a one-functional recursion)."""
+    return np.zeros((*np.broadcast_shapes(x.shape, z.shape), 1))
+
+
 def _quad_moment(fn, m: float, v: float) -> float:
     """E fn(x, z) for x ~ N(m, v) independent of z ~ N(0, 1) (fn polynomial; 2-D Gauss-Hermite)."""
     zq, wq = _gh(N_GH)
@@ -509,8 +514,7 @@ def estimator_moments(steps: GridSteps, algo: str, value: np.ndarray | None = No
 
             def a_step(k, x, z):
                 return kap[k] * z[..., None] * psi(k, x) * (y_raw(k, x, z) - centre[k])[..., None] + kl_term(k, x)
-            moments = _joint_moments(steps, a_step, lambda k, x, z: np.zeros((*np.broadcast_shapes(x.shape, z.shape), 1)),
-                                     zeros_end, ones_end, [(0, 0), (1, 0), (2, 0)])
+            moments = _joint_moments(steps, a_step, _no_step, zeros_end, ones_end, [(0, 0), (1, 0), (2, 0)])
         else:
             mK, vK = steps.means[K, 0], steps.vars[K, 0]
             e1, e2, e3, e4 = mK, mK**2 + vK, mK**3 + 3 * mK * vK, mK**4 + 6 * mK**2 * vK + 3 * vK**2
@@ -531,8 +535,7 @@ def estimator_moments(steps: GridSteps, algo: str, value: np.ndarray | None = No
             xn = g[k] * x + o[k] + c[k] * z
             gV = 2 * Vc[k + 1, 0] * xn + Vc[k + 1, 1] if k + 1 < K else 2 * r2 * xn + r1
             return steps.B[k] * gV[..., None] * psi(k, x) + kl_term(k, x)
-        moments = _joint_moments(steps, a_step, lambda k, x, z: np.zeros((*np.broadcast_shapes(x.shape, z.shape), 1)),
-                                 zeros_end, ones_end, [(0, 0), (1, 0), (2, 0)])
+        moments = _joint_moments(steps, a_step, _no_step, zeros_end, ones_end, [(0, 0), (1, 0), (2, 0)])
         mean, second, cross = moments[(1, 0)], moments[(2, 0)], 0.0
     elif algo == "ddpo":
         def a_step(k, x, z):
