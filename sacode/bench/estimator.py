@@ -14,12 +14,13 @@ compared with the exact grad J_K:
 
 ``value`` says which value ctpo / ctpo-pathwise use: ``exact-K`` (the policy's K-step value), ``exact-continuous``
 (the continuous-time V^theta on the grid), ``fitted`` (the engine's value network fitted at theta on
-FIT_BATCHES x FIT_N extra trajectories) or ``training`` / ``training-improved`` (the network as it stands inside an
-engine ctpo run of the affine policy, with the default value learner or with IMPROVED; theta_frac "pre" is the first
-iteration, "iter4" the policy after 4 updates). dpok uses its exact reward critic (value "exact-K"); ddpo and backprop
+FIT_BATCHES x FIT_N extra trajectories with the default learner; ``fitted-improved`` with IMPROVED) or ``training`` /
+``training-improved`` (the network as it stands inside an engine ctpo run of the affine policy, with the default value
+learner or with IMPROVED, one run per seed; theta_frac "pre" is the first iteration, "iter4" the policy after 4
+updates). dpok uses its exact reward critic (value "exact-K"); ddpo and backprop
 use none. ``ratio_ddpo_over_ctpo[value][d][K][theta_frac]`` is rel_var(ddpo) / rel_var(ctpo) measured on the same
-trajectories. ``value_learning`` follows the training runs: the relative error of grad_x V against the exact K-step
-grad V of the current policy, and the cosine of ctpo's mean gradient, per iteration. ``digits`` repeats the comparison
+trajectories. ``value_learning`` follows the training runs for CURVE_ITERS iterations: the relative error of grad_x V
+against the exact K-step grad V of the current policy, the cosine of ctpo's mean gradient and the variance ratio. ``digits`` repeats the comparison
 on the 8x8 digits (d = 64) with the engine's MLP policy, against a backprop reference.
 """
 from __future__ import annotations
@@ -49,23 +50,23 @@ DIMS = (1, 8, 32)
 KS = (10, 20, 50, 100)
 FRACS = (0.0, 0.5, 0.9)
 N_KNOTS = 5
-TRAIN_K, TRAIN_ITERS, TRAIN_BATCH = 20, 4, 256
+TRAIN_K, TRAIN_ITERS, TRAIN_BATCH, CURVE_ITERS = 20, 4, 256, 8
 FIT_BATCHES, FIT_N = 12, 1024
 IMPROVED = {"value_skip": "one", "value_zero_init": True, "value_lambda": 0.5, "value_replay": 4}
 """The value learner chapter 7 recommends: the Tweedie branch with weight 1 and a learned branch that starts at zero,
 TD(0.5) targets and the last 4 batches in each regression (no extra samples)."""
 ESTIMATORS = (("ddpo", "none"), ("ctpo", "exact-K"), ("ctpo", "exact-continuous"), ("ctpo-pathwise", "exact-K"),
               ("ctpo-pathwise", "exact-continuous"), ("dpok", "exact-K"), ("backprop", "none"))
-DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 64
+DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 128
 
 
 def _sizes(profile: str) -> dict:
     return {"ci": dict(n=256, dims=(1, 8), Ks=(10,), fracs=(0.0, 0.9), kinds=("linear",), train=True,
-                       fit_batches=2, fit_n=128, train_batch=64, digits=False),
+                       fit_batches=2, fit_n=128, train_batch=64, curve_iters=TRAIN_ITERS, digits=False),
             "class": dict(n=2048, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
-                          fit_n=FIT_N, train_batch=TRAIN_BATCH, digits=True),
+                          fit_n=FIT_N, train_batch=TRAIN_BATCH, curve_iters=CURVE_ITERS, digits=True),
             "full": dict(n=8192, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
-                         fit_n=FIT_N, train_batch=TRAIN_BATCH, digits=True)}[profile]
+                         fit_n=FIT_N, train_batch=TRAIN_BATCH, curve_iters=CURVE_ITERS, digits=True)}[profile]
 
 
 def _batch_cos(samples: torch.Tensor, grad: np.ndarray, B: int) -> float | None:
@@ -170,58 +171,66 @@ def _fitted_rows(sz: dict, seed: int, log) -> list[dict]:
             p, cps, fam, env, tr = _toy_env(name)
             th_star = es.optimal_theta(fam, cps[0].reward, p.beta)
             grid = TimeGrid.uniform(p.sde.T, TRAIN_K)
-            cfg = make_config(name, "ctpo", "class", 0, {"progress": False}).replace(beta=p.beta)
-            for frac in sz["fracs"]:
-                thetas = np.tile(frac * th_star, (d, 1))
-                torch.manual_seed(seed)
-                learner = ValueLearner.from_config(env, cfg)
-                pol = AffinePolicy(env, fam.basis, thetas)
-                gen = torch.Generator().manual_seed(seed + 1)
-                for _ in range(sz["fit_batches"]):
-                    b = rollout(env, pol, grid, tr, sz["fit_n"], gen)
-                    learner.fit(b, returns_to_go(b, p.beta), gen, skip_on_rollout(learner.value, b))
-                rows += _learned_rows(name, d, frac, "fitted", thetas, learner.value, fam, cps, p, grid, sz["n"],
-                                      seed + 2, {"value_samples": sz["fit_batches"] * sz["fit_n"]},
-                                      f"fitted/{name}/{frac}")
+            for label, over in (("fitted", {}), ("fitted-improved", IMPROVED)):
+                cfg = make_config(name, "ctpo", "class", 0, {"progress": False, **over}).replace(beta=p.beta)
+                for frac in sz["fracs"]:
+                    thetas = np.tile(frac * th_star, (d, 1))
+                    torch.manual_seed(seed)
+                    learner = ValueLearner.from_config(env, cfg)
+                    pol = AffinePolicy(env, fam.basis, thetas)
+                    gen = torch.Generator().manual_seed(seed + 1)
+                    for _ in range(sz["fit_batches"]):
+                        b = rollout(env, pol, grid, tr, sz["fit_n"], gen)
+                        learner.fit(b, returns_to_go(b, p.beta), gen, skip_on_rollout(learner.value, b))
+                    rows += _learned_rows(name, d, frac, label, thetas, learner.value, fam, cps, p, grid, sz["n"],
+                                          seed + 2, {"value_samples": sz["fit_batches"] * sz["fit_n"]},
+                                          f"fitted/{name}/{frac}", reference=label == "fitted")
             log(f"fitted {name}")
     return rows
 
 
-def _training_rows(sz: dict, seed: int, log) -> tuple[list[dict], dict]:
+def _training_rows(sz: dict, seeds: int, log) -> tuple[list[dict], dict]:
     rows, curves = [], {}
     for kind in sz["kinds"]:
         for d in sz["dims"]:
             name = gaussian_preset_name(kind, d)
-            for label, over in (("training", {}), ("training-improved", IMPROVED)):
-                p, cps, fam, env, tr = _toy_env(name)
-                cfg = make_config(name, "ctpo", "class", 0,
-                                  {"progress": False, "K": TRAIN_K, "batch": sz["train_batch"], **over}).replace(beta=p.beta)
-                torch.manual_seed(seed)
-                pol = AffinePolicy(env, fam.basis)
-                algo = make_algorithm("ctpo", env, pol, cfg, tr)
-                gen = torch.Generator().manual_seed(seed + 1)
-                grid = TimeGrid.uniform(p.sde.T, TRAIN_K)
-                curve = {"iteration": [], "grad_v_err": [], "cos": [], "bias": [], "rel_var": [], "ratio": [],
-                         "samples_used": []}
-                for it in range(TRAIN_ITERS + 1):
-                    thetas = pol.thetas()
-                    batch = rollout(env, pol, grid, tr, cfg.batch, gen)
-                    algo.update(batch, gen)                    # fits the value on this batch, then moves theta
-                    frac = "pre" if it == 0 else f"iter{it}"
-                    rs = _learned_rows(name, d, frac, label, thetas, algo.value, fam, cps, p, grid, sz["n"],
-                                       seed + 100 + it, {"samples_used": (it + 1) * cfg.batch, "run": label},
-                                       f"{label}/{name}/{frac}")
-                    c, dd = rs[0], rs[2]
-                    curve["iteration"].append(it)
-                    curve["samples_used"].append((it + 1) * cfg.batch)
-                    for k in ("grad_v_err", "cos", "bias", "rel_var"):
-                        curve[k].append(c[k])
-                    curve["ratio"].append(dd["rel_var"] / c["rel_var"])
-                    if it in (0, TRAIN_ITERS):
-                        rows += rs
-                curves[f"{name}/{label}"] = curve
-                log(f"training {name} {label}")
+            for seed in range(seeds):
+                for label, over in (("training", {}), ("training-improved", IMPROVED)):
+                    rs, curve = _training_run(name, d, label, over, sz, seed)
+                    rows += rs
+                    curves[f"{name}/{label}/seed{seed}"] = curve
+            log(f"training {name}")
     return rows, curves
+
+
+def _training_run(name: str, d: int, label: str, over: dict, sz: dict, seed: int) -> tuple[list[dict], dict]:
+    """One engine ctpo run of the affine policy; after each update, the value network as the update used it."""
+    p, cps, fam, env, tr = _toy_env(name)
+    cfg = make_config(name, "ctpo", "class", seed,
+                      {"progress": False, "K": TRAIN_K, "batch": sz["train_batch"], **over}).replace(beta=p.beta)
+    torch.manual_seed(seed)
+    pol = AffinePolicy(env, fam.basis)
+    algo = make_algorithm("ctpo", env, pol, cfg, tr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grid = TimeGrid.uniform(p.sde.T, TRAIN_K)
+    curve: dict = {k: [] for k in ("iteration", "samples_used", "grad_v_err", "cos", "bias", "rel_var", "ratio")}
+    rows = []
+    for it in range(max(sz["curve_iters"], TRAIN_ITERS) + 1):
+        thetas = pol.thetas()
+        batch = rollout(env, pol, grid, tr, cfg.batch, gen)
+        algo.update(batch, gen)                    # fits the value on this batch, then moves theta
+        frac = "pre" if it == 0 else f"iter{it}"
+        rs = _learned_rows(name, d, frac, label, thetas, algo.value, fam, cps, p, grid, sz["n"],
+                           1000 * seed + 100 + it, {"samples_used": (it + 1) * cfg.batch, "run": label,
+                                                    "seed": seed}, f"{label}/{name}/seed{seed}/{frac}")
+        c, dd = rs[0], rs[2]
+        for k, v in (("iteration", it), ("samples_used", (it + 1) * cfg.batch), ("grad_v_err", c["grad_v_err"]),
+                     ("cos", c["cos"]), ("bias", c["bias"]), ("rel_var", c["rel_var"]),
+                     ("ratio", dd["rel_var"] / c["rel_var"])):
+            curve[k].append(v)
+        if it in (0, TRAIN_ITERS):
+            rows += rs
+    return rows, curve
 
 
 def _digits_rows(profile: str, seed: int, log) -> dict:
@@ -253,6 +262,8 @@ def _digits_rows(profile: str, seed: int, log) -> dict:
         m = ref.mean(0)
         noise = float(((ref - m) ** 2).sum(1).mean()) / (ref.shape[0] - 1)
         norm2 = float(m @ m) - noise
+        h1, h2 = ref[: ref.shape[0] // 2].mean(0), ref[ref.shape[0] // 2:].mean(0)
+        out[f"reference_half_cos_{stage}"] = float(h1 @ h2 / (h1.norm() * h2.norm()))
         res = {}
         for algo in ("ddpo", "ctpo", "ctpo-pathwise"):
             s = trajectory_gradients(algo, env, pol, trn, batch, beta, learner.value)
@@ -292,9 +303,10 @@ def _ratios(rows: list[dict]) -> dict:
     out: dict = {}
     for ratio, r in _pairs(rows):
         kind = r["preset"].split("-")[1]
-        value = r["value"] if r["value"] != "exact-K" or r["group"].startswith("exact") else f"exact-K ({r['group'].split('/')[0]})"
-        out.setdefault(value, {}).setdefault(str(r["d"]), {}).setdefault(str(r["K"]), {})[
-            f"{kind}/{r['theta_frac']}"] = ratio
+        source = r["group"].split("/")[0]
+        value = r["value"] if r["value"] != "exact-K" or source == "exact" else f"exact-K ({source})"
+        key = f"{kind}/{r['theta_frac']}" + (f"/seed{r['seed']}" if "seed" in r else "")
+        out.setdefault(value, {}).setdefault(str(r["d"]), {}).setdefault(str(r["K"]), {})[key] = ratio
     return out
 
 
@@ -314,7 +326,7 @@ def _targets(rows: list[dict]) -> dict:
             v = [(x, r) for x, r in measured if r["value"] == label and r["theta_frac"] == frac and r["d"] >= 8]
             out[f"{label} value: ratio >= {thr:g} at {frac}, d >= 8"] = {
                 "met": bool(v) and min(x for x, _ in v) >= thr, "min_measured": min(x for x, _ in v) if v else None,
-                "values": {r["preset"]: round(x, 2) for x, r in v}}
+                "values": [[r["preset"], r.get("seed", 0), round(x, 2)] for x, r in v]}
     return out
 
 
@@ -323,7 +335,7 @@ def _table(rows: list[dict], targets: dict, digits: dict | None) -> str:
     lines.append(f"{'preset':<20}{'K':>4}{'f':>5}  {'algo':<14}{'value':<18}{'rel_var':>10}{'exact':>10}{'cos':>7}"
                  f"{'cos_ex':>8}")
     for r in rows:
-        if r["K"] == 20 and r["theta_frac"] in (0.0, 0.9, "pre", f"iter{TRAIN_ITERS}"):
+        if r["K"] == 20 and r["theta_frac"] in (0.0, 0.9, "pre", f"iter{TRAIN_ITERS}") and r.get("seed", 0) == 0:
             ex = r.get("rel_var_exact")
             lines.append(f"{r['preset']:<20}{r['K']:>4}{str(r['theta_frac']):>5}  {r['algo']:<14}{r['value']:<18}"
                          f"{r['rel_var']:>10.3g}{(f'{ex:.3g}' if ex is not None else '-'):>10}{r['cos']:>7.3f}"
@@ -380,14 +392,19 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
     ax.set(xlabel="theta / theta*", ylabel="rel. variance ddpo / ctpo", title="exact-K value, K = 20 (linear)")
     ax.legend(fontsize=7)
     ax = axes[2]
+    groups: dict = {}
     for key, cv in curves.items():
-        name, label = key.split("/")
+        name, label = key.split("/")[:2]
+        groups.setdefault((name, label), []).append(cv)
+    for (name, label), cvs in groups.items():
         if "quadratic" not in name:
             continue
-        ax.plot(cv["samples_used"], cv["grad_v_err"], "-" if label == "training" else "--",
+        err = np.mean([cv["grad_v_err"] for cv in cvs], axis=0)
+        ax.plot(cvs[0]["samples_used"], err, "-" if label == "training" else "--",
                 marker=marks.get(int(name[5:name.index("d-")]), "o"),
                 color=color("ddpo" if label == "training" else "ctpo"), label=f"{name}, {label}")
-    ax.set(xlabel="trajectories sampled", ylabel="rel. error of grad_x V", title="value learning during ctpo")
+    ax.set(xlabel="trajectories sampled", ylabel="rel. error of grad_x V (mean over seeds)",
+           title="value learning during ctpo")
     ax.legend(fontsize=7)
     fig.suptitle("bench estimator: likelihood-ratio (ddpo) vs advantage-rate (ctpo) gradients")
     fig.tight_layout()
@@ -419,7 +436,7 @@ def estimator_benchmark(profile: str, seeds: int = 1, presets=None, algos=None, 
     seed = 0
     rows = _exact_rows(sz, seed, log)
     rows += _fitted_rows(sz, seed, log) if sz["train"] and sz["kinds"] else []
-    train_rows, curves = _training_rows(sz, seed, log) if sz["train"] and sz["kinds"] else ([], {})
+    train_rows, curves = _training_rows(sz, max(1, seeds), log) if sz["train"] and sz["kinds"] else ([], {})
     rows += train_rows
     digits = _digits_rows(profile, seed, log) if sz["digits"] else None
     targets = _targets(rows) if rows else {}
