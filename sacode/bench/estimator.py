@@ -374,8 +374,11 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
                                                                                 "ctpo-pathwise"),
                           label=f"d = {d}, {value}")
     ax.axhline(3, color="k", ls=":", lw=1)
+    Ks = sorted({r["K"] for r in rows})
+    ax.set_xticks(Ks, [str(k) for k in Ks])
+    ax.minorticks_off()
     ax.set(xlabel="steps K", ylabel="rel. variance ddpo / ctpo", title="exact value, theta_pre (linear)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     ax = axes[1]
     for d in sorted({r["d"] for r in rows if isinstance(r["theta_frac"], float)}):
         pts = []
@@ -403,7 +406,7 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
         ax.plot(cvs[0]["samples_used"], err, "-" if label == "training" else "--",
                 marker=marks.get(int(name[5:name.index("d-")]), "o"),
                 color=color("ddpo" if label == "training" else "ctpo"), label=f"{name}, {label}")
-    ax.set(xlabel="trajectories sampled", ylabel="rel. error of grad_x V (mean over seeds)",
+    ax.set(xlabel="trajectories sampled", ylabel="relative error of grad_x V (mean over seeds)",
            title="value learning during ctpo")
     ax.legend(fontsize=7)
     fig.suptitle("bench estimator: likelihood-ratio (ddpo) vs advantage-rate (ctpo) gradients")
