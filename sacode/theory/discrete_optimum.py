@@ -81,9 +81,9 @@ def pretrained_steps(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta:
 
 def _check_gaussian(preset: ToyPreset) -> None:
     if preset.data.K != 1 or preset.data.d != 1:
-        raise ValueError(f"{preset.name}: the exact K-step optimum needs Gaussian data (an affine pretrained step), "
-                         "1-D or separable by coordinate; for mixtures use the continuous optimum of "
-                         "sacode.theory.optimal and a Monte-Carlo floor")
+        raise ValueError(f"{preset.name}: the exact K-step optimum needs 1-D Gaussian data (an affine pretrained "
+                         "step), or Gaussian data that separates by coordinate; for mixtures use the continuous "
+                         "optimum of sacode.theory.optimal and a Monte-Carlo floor")
 
 
 @dataclass
