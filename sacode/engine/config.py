@@ -162,6 +162,13 @@ class TrainConfig:
     depth: int = param(2, int, "hidden layers of the policy and value networks", ge=1)
     pretrained: str = param("exact", str, "pretrained score of the toys: exact or a DSM-trained MLP",
                             choices=("exact", "mlp", "unet"))
+    # value learning (chapter 7): how the value network is built and fitted. The defaults are the paper's structured
+    # value fitted on the current batch's Monte-Carlo returns; sacode.engine.value explains each option.
+    value_skip: str = param("cos", str, "structured value: weight of its Tweedie branch r(x0_hat) (cos: the paper's, "
+                            "fading towards the noise end; one: constant)", choices=("cos", "one"))
+    value_zero_init: bool = param(False, bool, "the value network's learned branch starts at zero")
+    value_replay: int = param(1, int, "batches (the current one and earlier ones) each value fit regresses on", ge=1)
+    value_lambda: float = param(1.0, float, "TD(lambda) value targets (1: Monte-Carlo returns)", ge=0.0, le=1.0)
     # bookkeeping
     checkpoint_every: int = param(10, int, "iterations between checkpoints", ge=1)
     progress: bool = param(True, bool, "show a progress bar")

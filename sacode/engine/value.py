@@ -12,10 +12,22 @@
   uninformative.
 * :class:`ValueLearner` — regression of V on Monte-Carlo returns, a component that any algorithm (or a chapter)
   uses on its own.
+
+Options measured in chapter 7 (defaults keep the paper's design and the original learner):
+
+* ``skip="one"`` — V = r(x0_hat) + c_out(t) V_phi. With the exact pretrained score r(x0_hat) is the pretrained
+  policy's value up to a function of t alone (exactly, for a linear or quadratic reward on Gaussian data, chapter 9),
+  so grad_x V is exact at the start of fine-tuning; the paper's c_skip = cos fades the guess out towards the noise
+  end and leaves V_phi to learn (1 - c_skip) r(x0_hat) / c_out.
+* ``zero_init`` — the learned branch's last layer starts at zero, so V starts at its fixed branch.
+* ``replay`` — the regression uses the states and returns of the last ``replay`` batches (no new samples).
+* ``lam`` < 1 — TD(lambda) targets G^lam_k = rew_k + (1 - lam) V(t_{k+1}, x_{k+1}) + lam G^lam_{k+1} built from the
+  algorithm's Monte-Carlo targets (rew_k = G_k - G_{k+1}) and the current network (lam = 1: Monte-Carlo returns).
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from torch import Tensor, nn
@@ -29,34 +41,62 @@ from .divergence import FiniteWatch
 from .nets import MLP
 
 
+def zero_last_layer(module: nn.Module) -> None:
+    """Set the weight and bias of the last layer (in registration order) that has both to zero, so that the module's
+    output starts at zero (a learned correction that starts at nothing)."""
+    last = None
+    for m in module.modules():
+        if isinstance(getattr(m, "weight", None), Tensor) and isinstance(getattr(m, "bias", None), Tensor):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(module).__name__} has no layer with a weight and a bias to set to zero")
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+
+
 class MLPValue(nn.Module):
     """V(t, x) = MLP(t/T, x)."""
 
-    def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4):
+    def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4, zero_init: bool = False):
         super().__init__()
         self.env = env
         self.net = MLP(math.prod(env.event_shape), 1, hidden, depth, n_freq)
         self.to(env.dtype)                                  # the environment's dtype (float64 toys, float32 images)
+        if zero_init:
+            zero_last_layer(self.net)
 
     def forward(self, t: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
         t = as_time(t, x)
         return self.net((t / self.env.sde.T).to(x.dtype), x.reshape(x.shape[0], -1)).squeeze(1)
 
 
-class StructuredValue(nn.Module):
-    """c_skip(t) r(x0_hat(t, x)) + c_out(t) V_phi(t, x) with the exact terminal condition V(T, x) = r(x)."""
+SKIPS = ("cos", "one")
+"""Weights of the Tweedie branch of :class:`StructuredValue`: the paper's cos(u), or 1 (module docstring)."""
 
-    def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4):
+
+class StructuredValue(nn.Module):
+    """c_skip(t) r(x0_hat(t, x)) + c_out(t) V_phi(t, x) with the exact terminal condition V(T, x) = r(x).
+
+    ``skip``: ``"cos"`` (the paper's c_skip = cos u) or ``"one"`` (c_skip = 1); ``zero_init``: V_phi starts at zero.
+    """
+
+    def __init__(self, env, hidden: int = 64, depth: int = 2, n_freq: int = 4, skip: str = "cos",
+                 zero_init: bool = False):
         super().__init__()
-        self.env = env
+        if skip not in SKIPS:
+            raise ValueError(f"unknown skip weight {skip!r}; choose one of {', '.join(SKIPS)}")
+        self.env, self.skip_kind = env, skip
         own = env.value_correction(hidden=hidden, depth=depth)   # e.g. a conv net on Stable Diffusion latents
         self.correction = own if own is not None else MLPValue(env, hidden, depth, n_freq)
+        if zero_init:
+            zero_last_layer(self.correction)
 
     def weights(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(c_skip, c_out) = (cos u, sin u), u = pi/2 (T - t)/T = pi/2 s/T in diffusion time s."""
+        """(c_skip, c_out) = (cos u, sin u), or (1, sin u) for ``skip="one"``; u = pi/2 (T - t)/T = pi/2 s/T."""
         T = self.env.sde.T
         u = 0.5 * math.pi * diffusion_time(t, T) / T
-        return torch.cos(u), torch.sin(u)
+        return (torch.cos(u) if self.skip_kind == "cos" else torch.ones_like(u)), torch.sin(u)
 
     def denoised(self, t: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
         s = as_time(diffusion_time(as_time(t, x), self.env.sde.T), x)
@@ -142,18 +182,48 @@ def returns_to_go(batch: Rollout, beta: float, with_kl: bool = True, kl_steps: T
     return torch.cat([G, batch.rewards[None]], 0)
 
 
+def lambda_returns(value: nn.Module, batch: Rollout, targets: Tensor, lam: float, skip: Tensor | None = None,
+                   chunk: int | None = None) -> Tensor:
+    """TD(lambda) targets (K+1, n) from Monte-Carlo targets G_k (K+1, n) and the network's current values:
+
+        G^lam_K = G_K,   G^lam_k = (G_k - G_{k+1}) + (1 - lam) V(t_{k+1}, x_{k+1}) + lam G^lam_{k+1},
+
+    where G_k - G_{k+1} is the step's reward (e.g. -beta KL_k) and V(T, .) = r. lam = 1 returns G itself."""
+    if lam >= 1.0:
+        return targets
+    with torch.no_grad():
+        v = value_on_rollout(value, batch, skip=skip, chunk=chunk).to(targets)
+    out = targets.clone()
+    for k in reversed(range(batch.K)):
+        out[k] = (targets[k] - targets[k + 1]) + (1.0 - lam) * v[k + 1] + lam * out[k + 1]
+    return out
+
+
+def _cat_conditions(parts: list[Conditions]) -> Conditions:
+    if all(c.values is None for c in parts):
+        return Conditions.none(sum(c.n for c in parts))
+    if all(isinstance(c.values, Tensor) for c in parts):
+        return Conditions(torch.cat([c.values for c in parts]))
+    return Conditions([v for c in parts for v in c.values])
+
+
 class ValueLearner:
     """Fits a value network by regression of V(t_k, x_k) on targets (Monte-Carlo returns) over rollouts.
 
     Args:
         value: the network (e.g. from :func:`make_value`).
-        lr: Adam learning rate; epochs: passes over each batch; minibatch: states per step;
-        max_grad_norm: gradient clipping.
+        lr: Adam learning rate; epochs: passes over the regression data per fit; minibatch: states per step;
+        max_grad_norm: gradient clipping; replay: batches whose states and targets each fit uses (1: the current one);
+        lam: TD(lambda) parameter of the targets (1: the Monte-Carlo targets as given, :func:`lambda_returns`).
     """
 
     def __init__(self, value: nn.Module, lr: float, epochs: int = 2, minibatch: int = 1024,
-                 max_grad_norm: float = 1.0):
+                 max_grad_norm: float = 1.0, replay: int = 1, lam: float = 1.0):
         self.value, self.epochs, self.minibatch, self.max_grad_norm = value, int(epochs), int(minibatch), max_grad_norm
+        if replay < 1 or not 0.0 <= lam <= 1.0:
+            raise ValueError(f"replay must be >= 1 and lam in [0, 1]; got replay={replay}, lam={lam}")
+        self.replay, self.lam = int(replay), float(lam)
+        self.memory: deque = deque(maxlen=self.replay)
         self.opt = torch.optim.Adam(value.parameters(), lr=lr)
         self.value_train = value          # the network or its DDP wrapper (attach)
         self.accelerator = None
@@ -162,9 +232,11 @@ class ValueLearner:
     @classmethod
     def from_config(cls, env, cfg) -> "ValueLearner":
         """The value network ``cfg.value`` for ``env`` and its learner with the run's settings (value_lr,
-        value_epochs, value_minibatch or minibatch, max_grad_norm)."""
-        value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth)
-        return cls(value, cfg.value_lr, cfg.value_epochs, cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm)
+        value_epochs, value_minibatch or minibatch, max_grad_norm, and the value-learning block of the config)."""
+        kw = {"zero_init": cfg.value_zero_init} | ({"skip": cfg.value_skip} if cfg.value == "structured" else {})
+        value = make_value(cfg.value, env, hidden=cfg.hidden, depth=cfg.depth, **kw)
+        return cls(value, cfg.value_lr, cfg.value_epochs, cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm,
+                   cfg.value_replay, cfg.value_lambda)
 
     def attach(self, accelerator) -> None:
         """Train through accelerate (device placement, mixed precision, DDP)."""
@@ -172,16 +244,25 @@ class ValueLearner:
         self.value_train, self.opt = accelerator.prepare(self.value, self.opt)
 
     def fit(self, batch: Rollout, targets: Tensor, gen: torch.Generator, skip: Tensor | None = None) -> float:
-        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction); returns
-        the mean squared error over the steps taken. ``skip`` (K+1, n): a structured value's r(x0_hat)."""
-        K, n = batch.K, batch.n
+        """Regress V(t_k, x_k) on ``targets`` (K+1, n) over k < K (V(T, .) = r is exact by construction), together
+        with the last ``replay - 1`` batches; returns the mean squared error over the steps taken. ``skip`` (K+1, n):
+        a structured value's r(x0_hat)."""
+        K = batch.K
+        targets = lambda_returns(self.value, batch, targets, self.lam, skip)
         t, x = _flat_states(batch, slice(None, -1))
-        y = targets[:-1].reshape(-1).to(x)
-        flat_skip = skip[:-1].reshape(-1) if skip is not None else None
-        cond = batch.cond.repeat(K)
+        self.memory.append((t, x, targets[:-1].reshape(-1).to(x), batch.cond.repeat(K),
+                            skip[:-1].reshape(-1) if skip is not None else None))
+        if len(self.memory) == 1:
+            t, x, y, cond, flat_skip = self.memory[0]
+        else:
+            parts = list(self.memory)
+            t, x, y = (torch.cat([p[j] for p in parts]) for j in range(3))
+            cond = _cat_conditions([p[3] for p in parts])
+            flat_skip = torch.cat([p[4] for p in parts]) if parts[0][4] is not None else None
+        N = x.shape[0]
         losses = []
         for _ in range(self.epochs):
-            perm = torch.randperm(K * n, generator=gen)
+            perm = torch.randperm(N, generator=gen)
             for j in range(0, perm.numel(), self.minibatch):
                 idx = perm[j: j + self.minibatch]
                 kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
@@ -202,8 +283,13 @@ class ValueLearner:
         return sum(losses) / max(len(losses), 1)
 
     def state_dict(self) -> dict:
-        return {"value": self.value.state_dict(), "value_opt": self.opt.state_dict()}
+        d = {"value": self.value.state_dict(), "value_opt": self.opt.state_dict()}
+        if self.replay > 1:
+            d["value_memory"] = [tuple(p) for p in self.memory]
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         self.value.load_state_dict(d["value"])
         self.opt.load_state_dict(d["value_opt"])
+        self.memory.clear()
+        self.memory.extend(d.get("value_memory", []))

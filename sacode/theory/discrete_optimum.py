@@ -21,6 +21,11 @@ Carlo, no ODE). It is the number a K-step algorithm converges to, and J_K* -> J*
 upper bound for J_K of any policy that keeps the sampler's variances, e.g. the continuous-time optimal control
 evaluated on the grid (``sacode.theory.policy_eval.discrete_objective``).
 
+d-dimensional presets whose problem separates by coordinate (one Gaussian with a diagonal covariance and a linear or
+quadratic reward, e.g. ``gauss8d-linear``; :func:`~sacode.theory.presets.coordinate_presets`) are solved coordinate by
+coordinate: :func:`discrete_optimum` then returns a :class:`SeparableOptimum` whose J, KL and value are the sums over
+the coordinates' 1-D optima and whose laws and controls carry a trailing coordinate axis.
+
 ``DiscreteOptimum.offsets()`` expresses the per-step optimum as a score correction theta0(t) + theta1(t) x (a
 piecewise-constant or piecewise-linear function of RL time), ready for ``AffineScoreFamily.with_offsets``: this is
 how a policy optimised on one grid is *transferred* to another grid (chapter 10).
@@ -35,13 +40,13 @@ import torch
 from torch import Tensor
 
 from .affine_policy import reward_coefficients
-from .presets import ToyPreset
+from .presets import ToyPreset, coordinate_presets
 from ..dynamics.gaussian_step import gaussian_chain, gaussian_step
 from ..dynamics.grid import TimeGrid
 from ..dynamics.time import rl_time
 from ..dynamics.transition import Transition
 
-__all__ = ["DiscreteOptimum", "discrete_optimum", "dpok_fixed_point", "pretrained_steps"]
+__all__ = ["DiscreteOptimum", "SeparableOptimum", "discrete_optimum", "dpok_fixed_point", "pretrained_steps"]
 
 
 def pretrained_steps(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta: float = 1.0,
@@ -77,7 +82,8 @@ def pretrained_steps(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta:
 def _check_gaussian(preset: ToyPreset) -> None:
     if preset.data.K != 1 or preset.data.d != 1:
         raise ValueError(f"{preset.name}: the exact K-step optimum needs 1-D Gaussian data (an affine pretrained "
-                         "step); for mixtures use the continuous optimum of sacode.theory.optimal and a Monte-Carlo floor")
+                         "step), or Gaussian data that separates by coordinate; for mixtures use the continuous "
+                         "optimum of sacode.theory.optimal and a Monte-Carlo floor")
 
 
 @dataclass
@@ -191,19 +197,126 @@ class DiscreteOptimum:
         return score
 
 
+@dataclass
+class SeparableOptimum:
+    """The K-step optimum of a d-dimensional preset that separates by coordinate: one :class:`DiscreteOptimum` per
+    coordinate (``coordinates``). Objectives add up; laws, values and controls are per coordinate.
+
+    ``means``/``vars`` have shape (K + 1, d), ``mean``/``var`` shape (d,); :meth:`value_at` and :meth:`value_grad`
+    take x of shape (n, d).
+    """
+
+    coordinates: list
+
+    @property
+    def grid(self) -> TimeGrid:
+        return self.coordinates[0].grid
+
+    @property
+    def K(self) -> int:
+        return self.grid.K
+
+    @property
+    def d(self) -> int:
+        return len(self.coordinates)
+
+    @property
+    def beta(self) -> float:
+        return self.coordinates[0].beta
+
+    @property
+    def method(self) -> str:
+        return self.coordinates[0].method
+
+    @property
+    def expected_reward(self) -> float:
+        return float(sum(c.expected_reward for c in self.coordinates))
+
+    @property
+    def kl_steps(self) -> np.ndarray:
+        return np.sum([c.kl_steps for c in self.coordinates], axis=0)
+
+    @property
+    def kl(self) -> float:
+        return float(sum(c.kl for c in self.coordinates))
+
+    @property
+    def J(self) -> float:
+        return float(sum(c.J for c in self.coordinates))
+
+    @property
+    def means(self) -> np.ndarray:
+        return np.stack([c.means for c in self.coordinates], axis=-1)
+
+    @property
+    def vars(self) -> np.ndarray:
+        return np.stack([c.vars for c in self.coordinates], axis=-1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean of the terminal law, shape (d,)."""
+        return self.means[-1]
+
+    @property
+    def var(self) -> np.ndarray:
+        """Variances of the terminal law (its covariance is diagonal), shape (d,)."""
+        return self.vars[-1]
+
+    def value_at(self, k: int, x: Tensor) -> Tensor:
+        """V_k(x) = sum_i V_k^i(x_i), x of shape (n, d)."""
+        return sum(c.value_at(k, x[:, i]) for i, c in enumerate(self.coordinates))
+
+    def value_grad(self, k: int, x: Tensor) -> Tensor:
+        """grad V_k(x), shape (n, d)."""
+        return torch.stack([c.value_grad(k, x[:, i]) for i, c in enumerate(self.coordinates)], dim=1)
+
+    def control(self) -> tuple[np.ndarray, np.ndarray]:
+        """(theta0_k, theta1_k) of shape (K, d): the optimal step as a score correction, per coordinate."""
+        parts = [c.control() for c in self.coordinates]
+        return np.stack([p[0] for p in parts], -1), np.stack([p[1] for p in parts], -1)
+
+    def score_fn(self, preset: ToyPreset, interp: str = "previous"):
+        """The optimal K-step policy as a sampler score ``score(s, x)``, x of shape (n, d)."""
+        fns = [c.score_fn(cp, interp) for c, cp in zip(self.coordinates, coordinate_presets(preset))]
+
+        def score(s, x: Tensor) -> Tensor:
+            return torch.stack([f(s, x[:, i]) for i, f in enumerate(fns)], dim=1)
+
+        return score
+
+
+def _per_coordinate(preset: ToyPreset, solve) -> SeparableOptimum:
+    """Solve each coordinate's 1-D problem once per distinct (data, reward) and collect them."""
+    done: dict = {}
+    out = []
+    for cp in coordinate_presets(preset):
+        key = (float(cp.data.means[0, 0]), float(cp.data.covs[0, 0, 0]), reward_coefficients(cp.reward))
+        if key not in done:
+            done[key] = solve(cp)
+        out.append(done[key])
+    return SeparableOptimum(out)
+
+
 def discrete_optimum(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta: float = 1.0,
-                     explore: float = 0.0, beta: float | None = None) -> DiscreteOptimum:
+                     explore: float = 0.0, beta: float | None = None) -> DiscreteOptimum | SeparableOptimum:
     """Solve the K-step problem on ``grid`` exactly by backward dynamic programming (module docstring).
 
     ``beta`` overrides the preset's KL weight. Raises if some step is not concave (kappa_k <= 2 P_{k+1}: a convex
     reward so strong that the discrete problem has no maximiser). ``value`` holds V_k, the optimal expected return
-    *including* the future KL costs.
+    *including* the future KL costs. A d-dimensional preset that separates by coordinate gives a
+    :class:`SeparableOptimum`.
     """
+    if _separable(preset):
+        return _per_coordinate(preset, lambda cp: _solve(cp, grid, method, eta, explore, beta, future_kl=True))
     return _solve(preset, grid, method, eta, explore, beta, future_kl=True)
 
 
+def _separable(preset: ToyPreset) -> bool:
+    return preset.data.d > 1 and preset.data.K == 1
+
+
 def dpok_fixed_point(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta: float = 1.0,
-                     explore: float = 0.0, beta: float | None = None) -> DiscreteOptimum:
+                     explore: float = 0.0, beta: float | None = None) -> DiscreteOptimum | SeparableOptimum:
     """The stationary policy of DPOK's update (chapter 8): per step, grad_m E[R | x_k, m] = beta grad_m KL_k.
 
     DPOK's critic W_k(x) = E[r(x_K) | x_k = x] ignores the KL costs of later steps, and its KL gradient holds the
@@ -212,6 +325,8 @@ def dpok_fixed_point(preset: ToyPreset, grid: TimeGrid, method: str = "em", eta:
     control does not depend on x (a linear reward on Gaussian data) and differs otherwise. ``value`` holds W_k;
     ``J`` is the true K-step objective of this policy (reward minus beta times its path KL).
     """
+    if _separable(preset):
+        return _per_coordinate(preset, lambda cp: _solve(cp, grid, method, eta, explore, beta, future_kl=False))
     return _solve(preset, grid, method, eta, explore, beta, future_kl=False)
 
 

@@ -23,7 +23,7 @@ TRAIN = dict(steps=4000, batch=512, lr=2e-3, hidden=128, depth=3, seed=0)
 
 def toy_key(preset: ToyPreset) -> str:
     """Presets that share the data law and the SDE share a pretrained model."""
-    data = "ring8" if preset.data.K > 1 else "gauss1d"
+    data = "ring8" if preset.data.K > 1 else f"gauss{preset.data.d}d"
     return f"{data}-vp{preset.sde.b_max:g}"
 
 
