@@ -19,6 +19,7 @@ BENCHMARKS = {
     "deterministic": "sacode.bench.toys:deterministic",
     "sd-throughput": "sacode.bench.sd:sd_throughput",
     "digits": "sacode.bench.digits:digits_benchmark",
+    "steering": "sacode.bench.steering:steering_benchmark",
 }
 
 

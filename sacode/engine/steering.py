@@ -12,6 +12,10 @@ V(t, x, cond) (RL time t, shape (n,)) is what guidance differentiates and what S
 * :class:`LearnedValue` wraps a value network of :mod:`sacode.engine.value` (e.g. fitted by
   :class:`sacode.engine.soft_value.SoftValueLearner`).
 
+Samplers call a value as ``value(t, x, cond, s=s)``, passing the diffusion time s of the step as well: a value that
+evaluates the score network does so at exactly the sampler's times (T - (T - s) is not always s in floating point),
+so a memoised score network (the digits environment's) computes each score once.
+
 Samplers (each returns :class:`SteeredSamples`, one output per population, with its cost per output):
 
 =================================================  ==========================================================
@@ -50,8 +54,8 @@ from .policy import FixedScorePolicy, ScorePolicy
 from .value import StructuredValue
 
 __all__ = ["Cost", "ClosedFormValue", "TweedieRewardValue", "LearnedValue", "ValueGuidedPolicy", "SteeredSamples",
-           "effective_sample_size", "resample_indices", "sample_pretrained", "best_of_n", "importance_resampling",
-           "smc", "guide"]
+           "effective_sample_size", "resample_indices", "TerminalPool", "sample_pretrained", "best_of_n",
+           "importance_resampling", "smc", "guide"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +107,7 @@ class ClosedFormValue:
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], name: str = "closed form"):
         self.fn, self.name = fn, name
 
-    def __call__(self, t, x: Tensor, cond: Conditions | None = None) -> Tensor:
+    def __call__(self, t, x: Tensor, cond: Conditions | None = None, s: Tensor | None = None) -> Tensor:
         return self.fn(t, x)
 
 
@@ -122,15 +126,16 @@ class TweedieRewardValue:
     def __init__(self, problem: ScoreControlProblem):
         self.problem = problem
 
-    def value_and_score(self, t, x: Tensor, cond: Conditions | None = None) -> tuple[Tensor, Tensor]:
-        """(V(t, x), s_pre(s, x)) from one pass of the score network."""
+    def value_and_score(self, t, x: Tensor, cond: Conditions | None = None, s: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+        """(V(t, x), s_pre(s, x)) from one pass of the score network (s: the step's diffusion time, T - t)."""
         p = self.problem
-        s = diffusion_time(as_time(t, x), p.T)
+        s = diffusion_time(as_time(t, x), p.T) if s is None else as_time(s, x)
         score = p.pretrained_score(s, x, cond)
         return p.reward(tweedie(p.sde, s, x, score), cond), score
 
-    def __call__(self, t, x: Tensor, cond: Conditions | None = None) -> Tensor:
-        return self.value_and_score(t, x, cond)[0]
+    def __call__(self, t, x: Tensor, cond: Conditions | None = None, s: Tensor | None = None) -> Tensor:
+        return self.value_and_score(t, x, cond, s)[0]
 
 
 class LearnedValue:
@@ -149,16 +154,17 @@ class LearnedValue:
         self.grad_cost = Cost(value_fwd=1.0, value_bwd=1.0, score_bwd=1.0 if self.structured else 0.0,
                               reward_grad=1.0 if self.structured else 0.0)
 
-    def __call__(self, t, x: Tensor, cond: Conditions | None = None) -> Tensor:
-        return self.net(as_time(t, x), x, cond)
+    def __call__(self, t, x: Tensor, cond: Conditions | None = None, s: Tensor | None = None) -> Tensor:
+        return self.value_and_score(t, x, cond, s)[0]
 
-    def value_and_score(self, t, x: Tensor, cond: Conditions | None = None) -> tuple[Tensor, Tensor | None]:
+    def value_and_score(self, t, x: Tensor, cond: Conditions | None = None, s: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor | None]:
         """(V(t, x), s_pre(s, x)): a structured value shares the score pass of its Tweedie branch; None otherwise."""
-        if not self.structured:
-            return self(t, x, cond), None
-        env = self.net.env
         t = as_time(t, x)
-        s = diffusion_time(t, env.T)
+        if not self.structured:
+            return self.net(t, x, cond), None
+        env = self.net.env
+        s = diffusion_time(t, env.T) if s is None else as_time(s, x)
         score = env.pretrained_score(s, x, cond)
         skip = env.reward(tweedie(env.sde, s, x, score), cond)
         return self.net(t, x, cond, skip=skip), score
@@ -185,10 +191,10 @@ class ValueGuidedPolicy(ScorePolicy):
         with torch.enable_grad():
             xg = x.detach().clone().requires_grad_(True)
             if hasattr(self.value, "value_and_score"):
-                v, score = self.value.value_and_score(t, xg, cond)
+                v, score = self.value.value_and_score(t, xg, cond, s)
                 score = None if score is None else score.detach()
             else:
-                v, score = self.value(t, xg, cond), None
+                v, score = self.value(t, xg, cond, s=s), None
             (g,) = torch.autograd.grad(v.sum(), xg)
         if score is None:
             score = self.problem.pretrained_score(s, x, cond)
@@ -270,19 +276,39 @@ def _blocks(v: Tensor, n: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # methods on a pool of pretrained samples
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class TerminalPool:
+    """Samples of the frozen sampler as best-of-N and importance resampling see them: terminal states x (n, *event),
+    rewards (n,), initial states x0 (n, *event) (needed only for the fixed-initial weights), the conditions and the
+    number of steps K that made each sample (its cost)."""
+
+    x: Tensor
+    rewards: Tensor
+    K: int
+    x0: Tensor | None = None
+    cond: Conditions | None = None
+
+    @classmethod
+    def of(cls, pool: "Rollout | TerminalPool") -> "TerminalPool":
+        if isinstance(pool, TerminalPool):
+            return pool
+        return cls(pool.x, pool.rewards, pool.K, pool.xs[0], pool.cond)
+
+
 def sample_pretrained(problem: ScoreControlProblem, grid: TimeGrid, transition: Transition, n: int,
-                      generator: torch.Generator) -> Rollout:
+                      generator: torch.Generator) -> TerminalPool:
     """n trajectories of the frozen pretrained sampler (K score evaluations each): the pool of best-of-N and
     importance resampling."""
-    return rollout(problem, FixedScorePolicy.pretrained(problem), grid, transition, n, generator)
+    return TerminalPool.of(rollout(problem, FixedScorePolicy.pretrained(problem), grid, transition, n, generator))
 
 
-def best_of_n(pool: Rollout, n: int) -> SteeredSamples:
+def best_of_n(pool: TerminalPool | Rollout, n: int) -> SteeredSamples:
     """Split the pool into blocks of n and keep the highest-reward sample of each (ties: the first).
 
     Selection depends on X_T only, so the selected path has density n F(r(X_T))^{n-1} against the pretrained path
     law and KL log n - (n - 1)/n when r(X_T) has a continuous law.
     """
+    pool = TerminalPool.of(pool)
     R = _blocks(pool.rewards, n)
     idx = R.argmax(1)
     rows = torch.arange(R.shape[0])
@@ -291,7 +317,7 @@ def best_of_n(pool: Rollout, n: int) -> SteeredSamples:
     return SteeredSamples("best-of-n", x, R[rows, idx], kl, n, Cost(score_fwd=n * pool.K, reward=n))
 
 
-def importance_resampling(pool: Rollout, n: int, beta: float, generator: torch.Generator,
+def importance_resampling(pool: TerminalPool | Rollout, n: int, beta: float, generator: torch.Generator,
                           initial_value=None) -> SteeredSamples:
     """One draw per block of n pretrained samples with probability proportional to w = e^{r(X_T)/beta}.
 
@@ -299,10 +325,13 @@ def importance_resampling(pool: Rollout, n: int, beta: float, generator: torch.G
     the weights are e^{(r(X_T) - V(0, X_0))/beta}, the density dP*/dP of chapter 5, and the output law tends to the
     fixed-initial optimum instead (exactly so when V(0, .) is the exact value of the sampler's chain).
     """
+    pool = TerminalPool.of(pool)
     logw = pool.rewards.double() / beta
     cost = Cost(score_fwd=n * pool.K, reward=n)
     if initial_value is not None:
-        logw = logw - initial_value(0.0, pool.xs[0], pool.cond).double() / beta
+        if pool.x0 is None:
+            raise ValueError("the fixed-initial weights need the initial states of the pool (x0)")
+        logw = logw - initial_value(0.0, pool.x0, pool.cond, s=None).double() / beta
         cost = cost + n * initial_value.call_cost
     LW = _blocks(logw, n)
     idx = resample_indices(LW, 1, generator)[:, 0]
@@ -341,7 +370,7 @@ def smc(problem: ScoreControlProblem, grid: TimeGrid, transition: Transition, va
     x = problem.sample_init(n, generator)
     ev = x.shape[1:]
     t = grid.t.to(x)
-    v_prev = value(t[0], x, cond).double()
+    v_prev = value(t[0], x, cond, s=grid.s[0]).double()
     logw = (v_prev / beta if initial_potential else torch.zeros_like(v_prev)).reshape(M, N)
     lpath = logw.clone()
     log_Z = torch.zeros(M, dtype=torch.float64)
@@ -364,7 +393,7 @@ def smc(problem: ScoreControlProblem, grid: TimeGrid, transition: Transition, va
         step = TimeGrid(grid.s[k:k + 2], grid.T)
         b = rollout(problem, prop, step, transition, n, generator, cond=cond, x_init=x, with_reward=False)
         x = b.x
-        v_new = (problem.reward(x, cond) if k == K - 1 else value(t[k + 1], x, cond)).double()
+        v_new = (problem.reward(x, cond) if k == K - 1 else value(t[k + 1], x, cond, s=grid.s[k + 1])).double()
         r_last = v_new
         inc = ((v_new - v_prev) / beta).reshape(M, N)
         logw = logw + inc - b.log_ratio_steps[0].double().reshape(M, N)

@@ -63,7 +63,8 @@ from .rewards import LinearReward
 
 __all__ = ["tilt_gaussian", "PretrainedChain", "pretrained_chain", "DiscreteSoftValue", "TargetLaw", "tilted_law",
            "fixed_initial_law", "BestOfNLaw", "best_of_n_law", "best_of_n_kl", "ImportanceTheory",
-           "importance_sampling_theory", "SMCTheory", "smc_theory", "ChainLaw", "sampler_chain_law"]
+           "importance_sampling_theory", "SMCTheory", "smc_theory", "ChainLaw", "sampler_chain_law",
+           "expected_reward_gaussian"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,28 +212,35 @@ def _t(v) -> Tensor:
     return torch.as_tensor(np.asarray(v, dtype=np.float64).reshape(-1))
 
 
-def _reward_moment(reward, mean: Tensor, cov: Tensor) -> float:
+def expected_reward_gaussian(reward, mean: Tensor, cov: Tensor) -> float:
+    """E r(X) for X with mean (d,) and covariance (d, d) (exact for the linear and quadratic rewards)."""
     if isinstance(reward, LinearReward):
         return float(reward.w @ mean)
     return float(-0.5 * reward.lam * (torch.trace(cov) + ((mean - reward.center) ** 2).sum()))
 
 
 def tilted_law(preset: ToyPreset, grid: TimeGrid | None = None, method: str = "em", eta: float = 1.0,
-               n_nodes: int = 40) -> TargetLaw:
+               n_nodes: int = 40, route: str = "auto") -> TargetLaw:
     """The tilt p_out e^{r/beta} / Z of the sampler's output law, with value beta log Z and KL E r/beta - log Z.
 
-    Continuous time (``grid`` None): 1-D Gaussian data tilt the exact output law (``pretrained_terminal_law``) in
-    closed form; mixtures average the conditional tilts over y with weights N(y; 0, p^2) h(0, y) / Z
-    (Gauss-Hermite), i.e. the optimum started from the tilted noise. On a grid (1-D Gaussian data): the tilt of the
-    K-step chain's output law N(offset_0, gain_0^2 p^2 + var_0).
+    Continuous time (``grid`` None), two routes: ``"closed-form"`` (1-D Gaussian data) tilts the exact output law
+    (``pretrained_terminal_law``); ``"quadrature"`` (any preset; the default for mixtures) averages the conditional
+    optimal laws over y with weights N(y; 0, p^2) h(0, y) / Z (Gauss-Hermite): the optimum started from the tilted
+    noise. On a grid (1-D Gaussian data): the tilt of the K-step chain's output law N(offset_0, gain_0^2 p^2 + var_0).
     """
     beta, reward = preset.beta, preset.reward
+    if route not in ("auto", "closed-form", "quadrature"):
+        raise ValueError(f"route must be auto, closed-form or quadrature; got {route!r}")
+    gaussian_1d = preset.data.K == 1 and preset.data.d == 1
+    if route == "auto":
+        route = "closed-form" if gaussian_1d else "quadrature"
     if grid is not None:
         _check_1d_gaussian(preset)
         ch = pretrained_chain(preset, grid, method, eta)
         log_Z, m, v = tilt_gaussian(ch.output_mean, ch.output_var, reward, beta)
         mean, cov, w, how = _t(m), _t(v).reshape(1, 1), torch.ones(1, dtype=torch.float64), f"chain K={grid.K}"
-    elif preset.data.K == 1 and preset.data.d == 1:
+    elif route == "closed-form":
+        _check_1d_gaussian(preset)
         pre = pretrained_terminal_law(preset)
         log_Z, m, v = tilt_gaussian(float(pre.mean[0]), float(pre.cov[0, 0]), reward, beta)
         mean, cov, w, how = _t(m), _t(v).reshape(1, 1), torch.ones(1, dtype=torch.float64), "closed-form"
@@ -245,7 +253,7 @@ def tilted_law(preset: ToyPreset, grid: TimeGrid | None = None, method: str = "e
                                                                                             - log_Z))
         how = f"gauss-hermite {n_nodes}^{preset.data.d}"
     log_Z = float(log_Z)
-    Er = _reward_moment(reward, mean, cov)
+    Er = expected_reward_gaussian(reward, mean, cov)
     kl = Er / beta - log_Z
     return TargetLaw("tilted", mean, cov, w, beta * log_Z, Er, kl, log_Z, beta, how)
 
@@ -274,7 +282,7 @@ def fixed_initial_law(preset: ToyPreset, grid: TimeGrid | None = None, method: s
     E_log_h = (r0 / beta - 0.5 * math.log(P / Pt) + 0.5 * ((m0**2 + slope**2 * p2) / Pt - (o**2 + G**2 * p2) / P))
     J = beta * float(E_log_h)
     cov = _t(var).reshape(1, 1)
-    Er = _reward_moment(reward, _t(mean), cov)
+    Er = expected_reward_gaussian(reward, _t(mean), cov)
     return TargetLaw("fixed-initial", _t(mean), cov, torch.ones(1, dtype=torch.float64), J, Er, (Er - J) / beta, 0.0,
                      beta, f"chain K={grid.K}")
 
@@ -435,5 +443,5 @@ def sampler_chain_law(preset: ToyPreset, grid: TimeGrid, score_fn: ScoreFn, meth
     law = gaussian_chain(A[:, None, None] * np.eye(d) + B[:, None, None] * S_a, B[:, None] * c_a, sd, np.zeros(d),
                          sde.prior_std() ** 2 * np.eye(d), S_a - S_p, c_a - c_p, B**2 / sd**2)
     m, C = torch.from_numpy(law.mean.copy()), torch.from_numpy(law.cov.copy())
-    Er = _reward_moment(preset.reward, m, C)
+    Er = expected_reward_gaussian(preset.reward, m, C)
     return ChainLaw(m, C, Er, law.kl, Er - preset.beta * law.kl)
