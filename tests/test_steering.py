@@ -226,9 +226,9 @@ def test_importance_resampling_targets():
     assert lz.within(1.0, Z)
 
 
-def test_smc_targets_rate_and_ess():
-    """Exact potentials: the tilted law with the initial potential, the fixed-initial law without; N Var of the
-    particle estimate and the ESS per step against the closed forms (resampling at every step)."""
+def test_smc_targets_and_ess():
+    """Exact potentials: the tilted law with the initial potential, the fixed-initial law without; the ESS per step
+    against e^{-sigma_k^2} (resampling at every step)."""
     p = toy_preset("gauss1d-linear-short")
     g = TimeGrid.uniform(1.0, 20)
     tr = Transition(p.sde, "em", 1.0)
@@ -239,18 +239,30 @@ def test_smc_targets_rate_and_ess():
         th, wrong = st.smc_theory(p, g, ip), st.smc_theory(p, g, other)
         out = S.smc(prob, g, tr, V, M, N, torch.Generator().manual_seed(3 + ip), initial_potential=ip,
                     ess_threshold=None)
-        m, est = _population_estimates(out)
+        m, _ = _population_estimates(out)
         slack = 4.0 / N                                   # bias of order 1/N (measured ~2/N at these N)
         assert abs(m.mean - th.target_mean) <= Z * m.se + slack
         assert abs(m.mean - wrong.target_mean) > Z * m.se + slack
-        nvar = mean_se((est - est.mean()) ** 2 * N * M / (M - 1))
-        assert abs(nvar.mean - th.variance) <= Z * nvar.se + 0.15 * th.variance    # O(1/N) finite-N correction
         ess = mean_se(out.ess[1:-1].mean(0))
         assert abs(ess.mean - th.ess_fraction.mean()) <= Z * ess.se + 1.0 / N
-    # a wrong variance formula (importance sampling's) is rejected
+
+
+def test_smc_asymptotic_variance():
+    """N Var of the particle estimate of the target mean against Del Moral's formula at N = 256 (the O(1/N) deficit is
+    then about 1 SE here; the benchmark measures the approach over N); the importance-sampling variance is
+    rejected. This resolves the formula to about 15 %: a gross error, not a small term."""
+    p = toy_preset("gauss1d-linear-short")
+    g = TimeGrid.uniform(1.0, 10)
+    th = st.smc_theory(p, g)
+    N, M = 256, 1000
+    out = S.smc(fast_problem(p), g, Transition(p.sde, "em", 1.0), S.ClosedFormValue(st.DiscreteSoftValue(p, g)),
+                M, N, torch.Generator().manual_seed(8), ess_threshold=None)
+    _, est = _population_estimates(out)
+    nvar = mean_se((est - est.mean()) ** 2 * N * M / (M - 1))
+    assert nvar.within(th.variance, Z)
     ch = st.pretrained_chain(p, g)
     it = st.importance_sampling_theory(ch.output_mean, ch.output_var, p.reward, p.beta)
-    assert abs(nvar.mean - it.variance) > Z * nvar.se + 0.15 * th.variance
+    assert not nvar.within(it.variance, Z)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +322,8 @@ def test_soft_value_loss_minimiser():
 
 def test_fit_soft_value_learns_v_star():
     """Fitted on pretrained rollouts, the value is the soft value V_K, not the mean return E[r | x] that least
-    squares would give (for r = x they differ by the constant var_k / (2 beta))."""
+    squares would give: for r = x the two differ by the constant d_k = var_k / (2 beta), and the fit's average offset
+    from V_K is a small fraction of it."""
     p = toy_preset("gauss1d-linear-short")
     env = ToyEnv(p)
     g = TimeGrid.uniform(1.0, 10)
@@ -322,13 +335,15 @@ def test_fit_soft_value_learns_v_star():
     assert fit.cost.score_fwd == 4096 * 10
     ch = st.pretrained_chain(p, g)
     b = S.rollout(env, S.FixedScorePolicy.pretrained(env), g, tr, 2000, gen)
-    for k in (2, 4):                    # early on the two candidates differ most
+    for k in (2, 4, 6):
         x, t = b.xs[k], float(g.t[k])
         with torch.no_grad():
             v = net(torch.full((x.shape[0],), t, dtype=F64), x)
-        rms_soft = float(((v - st.DiscreteSoftValue(p, g)(t, x)) ** 2).mean().sqrt())
-        rms_mean = float(((v - (ch.gain[k] * x + ch.offset[k])) ** 2).mean().sqrt())
-        assert rms_soft < 0.1 and rms_mean > 4 * rms_soft
+        soft = st.DiscreteSoftValue(p, g)(t, x)
+        d_k = ch.var[k] / (2 * p.beta)
+        assert torch.allclose(soft - (ch.gain[k] * x + ch.offset[k]), torch.full_like(x, d_k), atol=1e-10)
+        assert abs(float((v - soft).mean())) < 0.25 * d_k
+        assert float(((v - soft) ** 2).mean().sqrt()) < 0.15
 
 
 def test_bench_steering_tiny(tmp_path):
