@@ -478,6 +478,60 @@ def _digits(profile: str, seeds: int, cache: Path, sz: dict) -> tuple[list[dict]
 
 
 # ------------------------------------------------------------------------------------------------
+# Monte-Carlo rates against the closed-form constants
+# ------------------------------------------------------------------------------------------------
+RATE_SIZES = {"ci": dict(particles=8192, ns=[16, 64], K=10), "class": dict(particles=262144, ns=[16, 64, 256, 1024],
+                                                                             K=10),
+              "full": dict(particles=1048576, ns=[16, 64, 256, 1024, 4096], K=10)}
+
+
+def _rates(profile: str) -> dict:
+    """N Var and N x bias of the population estimate of the target mean, and ESS/N, against their closed forms:
+    importance resampling on a light- and a heavy-tailed case, SMC with the exact K-step potentials (resampling at
+    every step), for N in a grid at a fixed number of particles (so M = particles / N populations)."""
+    from ..theory.control import ScoreControlProblem
+
+    rz = RATE_SIZES[profile]
+    out = {"sizes": rz, "cases": []}
+
+    def stats(est: torch.Tensor, N: int, mu: float) -> dict:
+        M = est.numel()
+        v = mean_se((est - est.mean()) ** 2 * N * M / (M - 1))
+        b = mean_se((est - mu) * N)
+        return {"N": N, "M": M, "n_var": v.mean, "n_var_se": v.se, "n_bias": b.mean, "n_bias_se": b.se}
+
+    for name, method in (("gauss1d-quadratic-short", "importance"), ("gauss1d-linear-short", "importance"),
+                         ("gauss1d-linear-short", "smc-exact")):
+        pr = toy_preset(name)
+        grid = TimeGrid.uniform(pr.sde.T, rz["K"])
+        tr = Transition(pr.sde, "em", 1.0)
+        prob = ScoreControlProblem(pr.sde, optimal.pretrained_score(pr), pr.reward, pr.beta, pr.event_shape)
+        gen = torch.Generator().manual_seed(4242)
+        case = {"preset": name, "method": method, "K": rz["K"], "points": []}
+        if method == "importance":
+            ch = st.pretrained_chain(pr, grid)
+            th = st.importance_sampling_theory(ch.output_mean, ch.output_var, pr.reward, pr.beta)
+            case["theory"] = {"target_mean": th.target_mean, "n_var": th.variance, "n_bias": th.bias,
+                              "ess_fraction": th.ess_fraction}
+            pool = sample_pretrained(prob, grid, tr, rz["particles"], gen)
+            for N in rz["ns"]:
+                res = importance_resampling(pool, N, pr.beta, gen)
+                case["points"].append(stats(res.estimate(lambda x: x), N, th.target_mean)
+                                      | {"ess": float(res.ess.mean())})
+        else:
+            th = st.smc_theory(pr, grid)
+            case["theory"] = {"target_mean": th.target_mean, "n_var": th.variance,
+                              "ess_fraction": float(th.ess_fraction.mean()), "variance_terms": th.variance_terms.tolist()}
+            V = ClosedFormValue(st.DiscreteSoftValue(pr, grid))
+            for N in rz["ns"]:
+                res = smc(prob, grid, tr, V, rz["particles"] // N, N, gen, ess_threshold=None)
+                case["points"].append(stats(res.estimate(lambda x: x), N, th.target_mean)
+                                      | {"ess": float(res.ess[1:-1].mean())})
+        out["cases"].append(case)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # the benchmark
 # ------------------------------------------------------------------------------------------------
 def steering_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None) -> dict:
@@ -494,8 +548,11 @@ def steering_benchmark(profile: str, seeds: int, presets, algos, cache: Path, ou
         rows += r
         break_even[name] = be
         walls[name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rates = _rates(profile)
+    walls["rates"] = time.perf_counter() - t0
     res = {"profile": profile, "seeds": seeds, "sizes": sz, "cost_unit": COST_UNIT, "tolerance_rule": TOLERANCE_RULE,
-           "rows": rows, "break_even": break_even, "wall_per_preset_s": walls,
+           "rows": rows, "break_even": break_even, "rates": rates, "wall_per_preset_s": walls,
            "cpu_s": time.process_time() - cpu0, "load_average_start_end": [load0, os.getloadavg()]}
     res["table"] = _table(res)
     _plot(res, out / "bench-steering.png")
@@ -530,6 +587,13 @@ def _table(res: dict) -> str:
                      f"that reaches its target after M* = "
                      f"{_fmt(be['M_star_all_median'], 3)} samples (seeds: "
                      + ", ".join(_fmt(v, 3) for v in be["M_star_all_per_seed"]) + ")")
+    for case in res.get("rates", {}).get("cases", []):
+        th = case["theory"]
+        lines.append(f"\nrate: {case['method']} on {case['preset']} (K = {case['K']}): N Var -> {th['n_var']:.3g}, "
+                     f"ESS/N -> {th['ess_fraction']:.3g} (closed forms)")
+        for pt in case["points"]:
+            lines.append(f"  N = {pt['N']:>5}: N Var = {pt['n_var']:.3g} ± {pt['n_var_se']:.2g}, "
+                         f"N bias = {pt['n_bias']:.3g} ± {pt['n_bias_se']:.2g}, ESS/N = {pt['ess']:.3g}")
     return "\n".join(lines)
 
 
