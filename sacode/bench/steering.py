@@ -526,7 +526,7 @@ def _rates(profile: str) -> dict:
             for N in rz["ns"]:
                 res = smc(prob, grid, tr, V, rz["particles"] // N, N, gen, ess_threshold=None)
                 case["points"].append(stats(res.estimate(lambda x: x), N, th.target_mean)
-                                      | {"ess": float(res.ess[1:-1].mean())})
+                                      | {"ess": float(res.ess[1:].mean())})
         out["cases"].append(case)
     return out
 

@@ -216,7 +216,8 @@ class SteeredSamples:
     guided and the pretrained chains along the sampled path, Girsanov; best-of-N: the exact log N - (N-1)/N;
     resampling and SMC: the weights' estimate sum_i W_i log G_i - log Z_N of the KL of the law they converge to);
     ``log_Z`` (M,): log of each population's normalising-constant estimate; ``ess`` (n_checks, M): ESS/N where the
-    weights were checked (before each resampling, and at the end); ``particles`` (M, N, *event) and ``weights``
+    weights were checked (SMC: row 0 the initial weights, row k + 1 the weights after step k, before any
+    resampling); ``particles`` (M, N, *event) and ``weights``
     (M, N) the final weighted population; ``cost`` per output; ``resamplings`` (M,) how often each population
     resampled.
     """
