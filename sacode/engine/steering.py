@@ -32,7 +32,9 @@ Samplers (each returns :class:`SteeredSamples`, one output per population, with 
 gradient evaluations, value-network passes. One *score unit* is one forward pass of the score network on one sample;
 a backward pass through it counts as 2 units (its FLOP count; :meth:`Cost.score_units`). Closed-form values cost
 nothing. SMC reuses the pretrained score of a state for its step and its Tweedie potential, so the potential adds
-reward evaluations only.
+reward evaluations only. The counts are what the method needs (``tests/test_steering.py`` checks them against a
+memoising counter); the rollout loop also evaluates the pretrained step at each state to *measure* the path KL, and
+that measurement is not part of a method's cost.
 """
 from __future__ import annotations
 
