@@ -266,6 +266,26 @@ def test_smc_asymptotic_variance():
     assert not nvar.within(it.variance, Z)
 
 
+def test_importance_kl_estimate_bounds_the_output_kl():
+    """sum_i W_i log(N W_i) bounds KL(q_N || p) of the resampled output from above (extended-space data processing),
+    and both tend to the tilted law's KL. The output density ratio is E_S[N w(x) / (w(x) + S)], S the sum of N - 1
+    weights (nested Monte Carlo)."""
+    p = toy_preset("gauss1d-linear-short")
+    g = TimeGrid.uniform(1.0, 10)
+    ch = st.pretrained_chain(p, g)
+    gen = torch.Generator().manual_seed(9)
+    N, M = 4, 8000
+    x = ch.output_mean + math.sqrt(ch.output_var) * torch.randn(M * N, generator=gen, dtype=F64)
+    out = S.importance_resampling(S.TerminalPool(x, p.reward(x), g.K), N, p.beta, gen)
+    bound = mean_se(out.kl)
+    y = ch.output_mean + math.sqrt(ch.output_var) * torch.randn(4000, N - 1, generator=gen, dtype=F64)
+    S_w = torch.exp(p.reward(y.reshape(-1)).reshape(4000, N - 1) / p.beta).sum(1)
+    w_x = torch.exp(p.reward(out.x[:2000]) / p.beta)
+    true = mean_se(torch.log((N * w_x[:, None] / (w_x[:, None] + S_w[None])).mean(1)))
+    assert true.mean < bound.mean - Z * math.hypot(true.se, bound.se)      # strictly below at N = 4
+    assert bound.mean < st.tilted_law(p, g).kl
+
+
 # ------------------------------------------------------------------------------------------------
 # cost accounting, the soft value, the benchmark
 # ------------------------------------------------------------------------------------------------

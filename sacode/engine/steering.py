@@ -216,8 +216,8 @@ class SteeredSamples:
 
     ``x`` (M, *event), ``reward`` (M,); ``kl`` (M,): a path-KL estimate per output (guidance: the exact KL between the
     guided and the pretrained chains along the sampled path, Girsanov; best-of-N: the exact log N - (N-1)/N;
-    resampling and SMC: the weights' estimate sum_i W_i log G_i - log Z_N of the KL of the law they converge to;
-    :meth:`kl_estimate` pools the normalising constant over the populations);
+    resampling and SMC: sum_i W_i log G_i - log Z_N, whose mean bounds the KL of the output law from above and
+    converges to the KL of the law they target, :meth:`kl_estimate`);
     ``log_Z`` (M,): log of each population's normalising-constant estimate; ``ess`` (n_checks, M): ESS/N where the
     weights were checked (SMC: row 0 the initial weights, row k + 1 the weights after step k, before any
     resampling); ``particles`` (M, N, *event) and ``weights``
@@ -243,14 +243,12 @@ class SteeredSamples:
         return self.x.shape[0]
 
     def kl_estimate(self) -> float:
-        """The path-KL estimate over all outputs. Guidance and best-of-N: the mean of ``kl``. Resampling and SMC:
-        mean_j sum_i W_ij log G_ij - log(mean_j Z_j), the weights' estimate of E_Q[log dQ/dP] for the law Q they
-        converge to, with the normalising constant pooled over the populations (each Z_j is unbiased, log Z_j is
-        biased low, so a per-population log Z_j inflates the KL at small N)."""
-        if "weighted_log_potential" not in self.info:
-            return float(self.kl.double().mean())
-        log_Z = torch.logsumexp(self.log_Z.double(), 0) - math.log(self.M)
-        return float(self.info["weighted_log_potential"].double().mean() - log_Z)
+        """The mean of ``kl`` over the outputs. For resampling and SMC it estimates an *upper bound* on the path KL of
+        the output law: with Q_N the law of the particle system and the pick, and the extended target
+        Q_N Z_N / Z (whose picked path has the target law, Andrieu et al. 2010), data processing gives
+        KL(q_N || P) <= E[sum_i W_i log G_i] - E log Z_N. It converges to the KL of the target law as N grows; a
+        J built from it is a lower bound."""
+        return float(self.kl.double().mean())
 
     def estimate(self, f: Callable[[Tensor], Tensor]) -> Tensor:
         """Per population, the weighted particle estimate sum_i W_i f(x_i) of E_target f, shape (M,)."""
@@ -355,8 +353,7 @@ def importance_resampling(pool: TerminalPool | Rollout, n: int, beta: float, gen
     kl = (W * LW).sum(1) - log_Z
     xs = _blocks(pool.x, n)
     return SteeredSamples("importance", xs[rows, idx], _blocks(pool.rewards, n)[rows, idx], kl, n, cost, log_Z,
-                          (effective_sample_size(LW) / n)[None], xs, W,
-                          info={"weighted_log_potential": (W * LW).sum(1)})
+                          (effective_sample_size(LW) / n)[None], xs, W)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,7 +424,7 @@ def smc(problem: ScoreControlProblem, grid: TimeGrid, transition: Transition, va
     if isinstance(proposal, ValueGuidedPolicy):
         cost = cost + (N * K) * proposal.value.grad_cost
     return SteeredSamples("smc", parts[out_rows, pick], r[out_rows, pick], kl, N, cost, log_Z, torch.stack(ess_log),
-                          parts, W, n_res, info={"weighted_log_potential": (W * lpath).sum(1)})
+                          parts, W, n_res)
 
 
 # ------------------------------------------------------------------------------------------------
