@@ -26,6 +26,18 @@ COLORS: dict[str, str] = {
     "dpok": "#2ca02c",
     "backprop": "#9467bd",
     "optimal": "#000000",
+    # steering a frozen sampler (chapter 13)
+    "tilted": "#e377c2",         # p_out e^{r/beta} / Z, the target of resampling and SMC
+    "best-of-n": "#8c564b",
+    "importance": "#e377c2",
+    "importance-fixed": "#f7b6d2",
+    "smc-exact": "#ff7f0e",
+    "smc-exact-fixed": "#ffbb78",
+    "smc-tweedie": "#bcbd22",
+    "smc-learned": "#17becf",
+    "guidance-exact": "#000000",
+    "guidance-tweedie": "#d62728",
+    "guidance-learned": "#9edae5",
 }
 
 

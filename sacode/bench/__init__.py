@@ -20,6 +20,7 @@ BENCHMARKS = {
     "sd-throughput": "sacode.bench.sd:sd_throughput",
     "digits": "sacode.bench.digits:digits_benchmark",
     "estimator": "sacode.bench.estimator:estimator_benchmark",
+    "steering": "sacode.bench.steering:steering_benchmark",
 }
 
 

@@ -238,6 +238,10 @@ class ValueLearner:
         return cls(value, cfg.value_lr, cfg.value_epochs, cfg.value_minibatch or cfg.minibatch, cfg.max_grad_norm,
                    cfg.value_replay, cfg.value_lambda)
 
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The regression loss of a minibatch: the mean squared error (its minimiser is E[target | t, x])."""
+        return ((pred - target) ** 2).mean()
+
     def attach(self, accelerator) -> None:
         """Train through accelerate (device placement, mixed precision, DDP)."""
         self.accelerator = accelerator
@@ -267,7 +271,7 @@ class ValueLearner:
                 idx = perm[j: j + self.minibatch]
                 kw = {"skip": flat_skip[idx]} if flat_skip is not None else {}
                 pred = self.value_train(t[idx], x[idx], cond.index(idx), **kw)
-                loss = ((pred - y[idx]) ** 2).mean()
+                loss = self.loss(pred, y[idx])
                 self.opt.zero_grad(set_to_none=True)
                 self.watch.loss(loss)
                 if self.accelerator is None:
