@@ -45,7 +45,7 @@ from ..theory.affine_policy import AffineScoreFamily
 from ..theory.control import rollout
 from ..theory.presets import coordinate_presets, gaussian_preset_name, toy_preset
 
-KINDS = ("linear", "quadratic")
+REWARD_KINDS = ("linear", "quadratic")
 DIMS = (1, 8, 32)
 KS = (10, 20, 50, 100)
 FRACS = (0.0, 0.5, 0.9)
@@ -63,9 +63,9 @@ DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 128
 def _sizes(profile: str) -> dict:
     return {"ci": dict(n=256, dims=(1, 8), Ks=(10,), fracs=(0.0, 0.9), kinds=("linear",), train=True,
                        fit_batches=2, fit_n=128, train_batch=64, curve_iters=TRAIN_ITERS, digits=False),
-            "class": dict(n=2048, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
+            "class": dict(n=2048, dims=DIMS, Ks=KS, fracs=FRACS, kinds=REWARD_KINDS, train=True, fit_batches=FIT_BATCHES,
                           fit_n=FIT_N, train_batch=TRAIN_BATCH, curve_iters=CURVE_ITERS, digits=True),
-            "full": dict(n=8192, dims=DIMS, Ks=KS, fracs=FRACS, kinds=KINDS, train=True, fit_batches=FIT_BATCHES,
+            "full": dict(n=8192, dims=DIMS, Ks=KS, fracs=FRACS, kinds=REWARD_KINDS, train=True, fit_batches=FIT_BATCHES,
                          fit_n=FIT_N, train_batch=TRAIN_BATCH, curve_iters=CURVE_ITERS, digits=True)}[profile]
 
 
@@ -422,7 +422,7 @@ def estimator_benchmark(profile: str, seeds: int = 1, presets=None, algos=None, 
     torch.set_num_threads(1)             # small tensors: one thread is faster and shares the cores (as the chapters)
     sz = _sizes(profile)
     if presets:
-        kinds = [k for k in presets if k in KINDS]
+        kinds = [k for k in presets if k in REWARD_KINDS]
         if kinds:
             sz["kinds"] = tuple(kinds)
         if "no-digits" in presets:
