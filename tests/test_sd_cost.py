@@ -40,7 +40,7 @@ def test_sd15_configs_reproduce_the_published_parameter_counts():
 def test_sd15_random_pipeline_builds_offline_through_load_pipeline_and_warns():
     from sacode.envs.sd.task import load_pipeline
 
-    with pytest.warns(CostOnlyModelWarning, match="cost"):
+    with pytest.warns(CostOnlyModelWarning, match="RANDOM weights.*measuring time, memory and FLOPs only"):
         pipe = load_pipeline("sd15-random", device="meta")
     assert sum(p.numel() for p in pipe.unet.parameters()) == SD15_PARAMETERS["unet"]
     assert pipe.tokenizer.model_max_length == 77
@@ -164,13 +164,13 @@ def test_autocast_emulation_casts_like_cuda_and_flash_attention_saves_no_attenti
         cat = torch.cat([a, torch.randn(2, 3)])
     assert a.dtype == torch.bfloat16 and gn.dtype == torch.float32 and cat.dtype == torch.float32
     b, h, s, dh = 1, 2, 64, 8
-    q = torch.randn(b, h, s, dh, requires_grad=True)
+    q = torch.randn(b, h, s, dh, device="meta", requires_grad=True)    # on meta, PyTorch takes the math path
 
     def saved(flash):
         with CudaAutocastEmulation(None, flash_attention=flash):
             return saved_for_backward_bytes(lambda: F.scaled_dot_product_attention(q, q, q), exclude=(q,))[1]
 
-    # the unfused (math) path keeps the s x s attention probabilities; the flash kernel keeps output and log-sum-exp
+    # the unfused (math) path keeps the s x s attention weights; the flash kernel keeps output and log-sum-exp
     assert saved(False) >= b * h * s * s * 4
     assert saved(True) == b * h * s * dh * 4 + b * h * s * 4
 
@@ -203,3 +203,30 @@ def test_throughput_benchmark_refuses_a_gpu_profile_without_cuda():
     from sacode.bench.sd import sd_throughput
     with pytest.raises(SystemExit, match="needs CUDA"):
         sd_throughput("ci")
+
+
+def _check_smoke(res):
+    r = res["results"]
+    run = r["runs"][0]
+    assert run["sample_images_per_s"] > 0 and set(run["algos"]) == {"ctpo", "ddpo", "ctpo_ckpt", "ddpo_ckpt"}
+    for a in run["algos"].values():
+        assert a["s_per_image"] > a["update_s_per_image"] > 0 and a["predicted_update_GiB"] > 0
+        assert all(math.isfinite(v) for v in (a["epoch_s"], a["s_per_image"]))
+    assert run["ctpo_over_ddpo_equal_samples"] > 0 and "smoke profile" in res["table"]
+    return r
+
+
+def test_throughput_benchmark_code_path_on_the_tiny_pipeline():
+    """Everything of ``bench sd-throughput`` but the SD v1.5 build: timing, FLOP and memory columns, the table."""
+    from sacode.bench.sd import sd_throughput
+    r = _check_smoke(sd_throughput("smoke", model="tiny"))
+    assert r["model"] == "tiny" and r["calls_per_image"]["ctpo"]["vae_decode"] == 2      # K = 1: x_K and x0_hat
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_smoke_on_sd15_random_at_64px():
+    """The CPU smoke mode of the GPU benchmark on the random-weight SD v1.5 pipeline at 64 px (the code path only).
+    Slow: building the 860 M-parameter UNet and a few passes at 64 px take about a minute on a free 2-core CPU."""
+    from sacode.bench.sd import sd_throughput
+    r = _check_smoke(sd_throughput("smoke"))
+    assert 859 < r["unet_params_M"] < 860

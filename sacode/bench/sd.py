@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 SETTINGS = {
-    "smoke": dict(resolution=64, K=1, batch=1, micro_batch=1, amps=("no",)),
+    "smoke": dict(resolution=64, K=1, batch=2, micro_batch=1, amps=("no",)),
     "ci": dict(resolution=256, K=4, batch=2, micro_batch=2, amps=("bf16",)),
     "class": dict(resolution=512, K=50, batch=8, micro_batch=4, amps=("bf16", "fp16")),
     "full": dict(resolution=512, K=50, batch=16, micro_batch=4, amps=("bf16", "fp16")),
@@ -135,7 +135,9 @@ def predicted_peaks(resolution: int, n: int, K: int, micro_batch: int, algos, am
 
 
 def sd_throughput(profile: str = "class", seeds: int = 1, presets=None, algos=None, cache: Path | None = None,
-                  out: Path | None = None) -> dict:
+                  out: Path | None = None, model: str = "sd15-random") -> dict:
+    """The benchmark (see the module). ``model="tiny"`` times the tiny pipeline instead (a fast test of the code
+    path; its FLOP and memory columns still count SD v1.5)."""
     require_cuda(profile)
     from ..envs.sd.env import SDEnv
     from ..envs.sd.policy import LoRAScorePolicy
@@ -159,13 +161,17 @@ def sd_throughput(profile: str = "class", seeds: int = 1, presets=None, algos=No
         peak = {"device": "cpu (smoke: the code path only)", "peak_bf16_tflops": None, "peak_source": None}
     flops = component_flops(res)
     calls = {a: engine_calls(a, K) for a in algos}
-    head = {"device": peak["device"], "resolution": res, "K": K, "batch": n, "micro_batch": mb, "lora_rank": 4,
+    head = {"device": peak["device"], "model": model, "resolution": res, "K": K, "batch": n, "micro_batch": mb, "lora_rank": 4,
             "peak": peak, "flops_per_call": flops, "calls_per_image": calls,
             "images_per_gpu_epoch": {a: IMAGES_PER_EPOCH[a] // GPUS for a in algos}}
     runs = []
     for amp in st["amps"]:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[amp]
-        pipe = build_sd15_random(device, weight_dtype, warn=False)
+        if model == "tiny":
+            from ..envs.sd.task import load_pipeline
+            pipe = load_pipeline("tiny", torch_dtype=weight_dtype, device=device)
+        else:
+            pipe = build_sd15_random(device, weight_dtype, warn=False)
         head["unet_params_M"] = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
         env = SDEnv(pipe, JpegCompressibility(), PromptSampler.named("animals"), guidance=7.0, resolution=res,
                     device=device, dtype=torch.float32, amp=amp, decode_batch=DECODE_BATCH)
@@ -217,7 +223,7 @@ def _gib(v) -> str:
 def throughput_table(r: dict, profile: str) -> str:
     pk = r["peak"]
     lines = [f"sd-throughput on {r['device']} ({r['resolution']} px, {r['K']} DDIM steps, guidance 7, batch "
-             f"{r['batch']}, micro-batch {r['micro_batch']}, LoRA rank 4, random SD v1.5 weights, "
+             f"{r['batch']}, micro-batch {r['micro_batch']}, LoRA rank 4, {r['model']} weights, "
              f"{r['unet_params_M']:.0f} M UNet parameters)"]
     if pk.get("peak_bf16_tflops"):
         lines.append(f"  peak dense bf16 {pk['peak_bf16_tflops']:.0f} TFLOP/s ({pk['peak_source']}); bf16 matmul "
