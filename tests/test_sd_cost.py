@@ -230,3 +230,24 @@ def test_throughput_benchmark_smoke_on_sd15_random_at_64px():
     from sacode.bench.sd import sd_throughput
     r = _check_smoke(sd_throughput("smoke"))
     assert 859 < r["unet_params_M"] < 860
+
+
+def test_gpu_check_collects_steps_tests_and_run(tmp_path):
+    import json
+
+    from sacode.bench.gpu_check import collect
+
+    (tmp_path / "steps.tsv").write_text("gpu-tests\t0\t12.5\tpytest -m gpu\nsd-throughput\t1\t3.0\tpython -m x\n")
+    (tmp_path / "gpu-tests.xml").write_text(
+        '<testsuites><testsuite tests="2" failures="0" errors="0" skipped="1">'
+        '<testcase classname="t" name="a"/><testcase classname="t" name="b"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"reward": -1.0}))
+    res = collect(tmp_path)
+    assert [s["rc"] for s in res["steps"]] == [0, 1] and res["seconds"] == 15.5
+    assert res["gpu_tests"]["skipped"] == 1 and res["gpu_tests"]["not_passed"] == ["t::b: skipped"]
+    assert res["ctpo_two_iterations"]["summary"]["reward"] == -1.0
+    assert res["ctpo_two_iterations"]["lora_loads"] == {"ok": False, "error": "no exported LoRA"}
+    assert res["ok"] is False and res["sd_throughput"] is None

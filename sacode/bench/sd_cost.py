@@ -44,7 +44,7 @@ EPOCHS = 100
 IMAGES_PER_EPOCH = {"ctpo": 512, "ddpo": 256}     # ctpo: 2 x 64 per GPU per epoch; ddpo: 64 (DDPO: 256 per epoch)
 MICRO_BATCHES = (1, 2, 4)
 # DDPO's reference code (kvablack/ddpo-pytorch, config/dgx.py): 100 epochs of 256 images, 50 DDIM steps, guidance in
-# sampling and training, LoRA, fp16, in "about 4 hours" on 8 A100s (its README)
+# sampling and training, LoRA, fp16, SD v1.4 (SD v1.5's architecture), in "about 4 hours" on 8 A100s (its README)
 DDPO_REFERENCE = {"gpus": 8, "gpu": "A100", "hours": 4.0, "epochs": 100, "images_per_epoch": 256}
 TARGET_FRACTION = 0.40                            # the issue's target for sampling, a reference, not a measurement
 UNET_KINDS = ("unet_policy", "unet_pretrained", "unet_train")
@@ -442,7 +442,7 @@ def gpu_time_model(epoch_flops: dict, ddpo_reference_image_flops: float, measure
                                          f"{rate:.0f} TFLOP/s end to end",
                                   "a100_tflops": rate},
                "target-40%": {"fraction_of_peak": TARGET_FRACTION,
-                              "how": "the issue's 40 % of peak target (not a measurement)"}}
+                              "how": "40 % of peak, the target set for sampling (not a measurement)"}}
     if measured:
         sources["measured"] = measured
     gpus = {"A100": peak_bf16_tflops("A100"), "H100": peak_bf16_tflops("H100 SXM")}
@@ -464,7 +464,8 @@ def measured_rate(path: Path) -> dict | None:
     frac = res.get("train_fraction_of_peak")
     if frac is None:
         return None
-    return {"fraction_of_peak": frac, "how": f"measured by bench sd-throughput on {res.get('device')}"}
+    return {"fraction_of_peak": frac, "how": f"measured by bench sd-throughput on {res.get('device')} (ddpo, bf16, "
+                                            f"a whole iteration), applied as a fraction of each GPU's peak"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
