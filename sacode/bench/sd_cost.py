@@ -47,7 +47,6 @@ MICRO_BATCHES = (1, 2, 4)
 # sampling and training, LoRA, fp16, SD v1.4 (SD v1.5's architecture), in "about 4 hours" on 8 A100s (its README)
 DDPO_REFERENCE = {"gpus": 8, "gpu": "A100", "hours": 4.0, "epochs": 100, "images_per_epoch": 256}
 TARGET_FRACTION = 0.40                            # the issue's target for sampling, a reference, not a measurement
-UNET_KINDS = ("unet_policy", "unet_pretrained", "unet_train")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -241,6 +240,15 @@ def trainer_overheads(algo: str) -> dict:
     return {"vae_decode": int(opt["grid_images"]) * per_iter if int(opt["image_every"]) else 0.0,
             "unet_policy": 2 * sum(steps) * ev, "unet_pretrained": 2 * sum(steps) * ev,
             "eval_decodes": len(steps) * ev}
+
+
+def with_trainer_overheads(calls: dict, over: dict) -> dict:
+    """Calls per image of an iteration plus the trainer's overheads (:func:`trainer_overheads`)."""
+    out = dict(calls)
+    for k in ("unet_policy", "unet_pretrained"):
+        out[k] = calls.get(k, 0) + over[k]
+    out["vae_decode"] = calls.get("vae_decode", 0) + over["vae_decode"] + over["eval_decodes"]
+    return out
 
 
 PHASES = ("sampling (policy, CFG)", "pretrained score (KL, Tweedie)", "VAE decodes", "value network",
@@ -480,11 +488,7 @@ def sd_cost(profile: str = "class", seeds: int = 1, presets=None, algos=None, ca
     calls = {a: engine_calls(a) for a in ("ctpo", "ddpo")}
     K = calls["ctpo"]["K"]
     for a in ("ctpo", "ddpo"):
-        over = trainer_overheads(a)
-        calls[a + "+trainer"] = {k: calls[a].get(k, 0) + over.get(k, 0) for k in UNET_KINDS + ("vae_decode",)}
-        calls[a + "+trainer"]["vae_decode"] += over["eval_decodes"]
-        for k in ("value_forward", "value_train", "unet_train"):
-            calls[a + "+trainer"][k] = calls[a].get(k, 0)
+        calls[a + "+trainer"] = with_trainer_overheads(calls[a], trainer_overheads(a))
     calls["ddpo-reference"] = ddpo_reference_calls(K)
     per_image = {}
     for name in ("ddpo-reference", "ddpo", "ctpo"):
