@@ -64,7 +64,7 @@ step sd-cost "$PY" -m sacode bench sd-cost --out "$WORK/bench"
 "$PY" -m sacode.bench.gpu_check "$WORK" "$OUT" $([[ $DRY == 1 ]] && echo --dry-run)
 rc=$?
 if [[ $DRY == 0 ]]; then
-    for f in bench-sd-throughput.json sd-cost.json sd-cost.png; do
+    for f in bench-sd-throughput.json bench-sd-throughput.png sd-cost.json sd-cost.png; do
         [[ -f "$WORK/bench/$f" ]] && cp "$WORK/bench/$f" figures/
     done
 fi

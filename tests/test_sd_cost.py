@@ -216,10 +216,11 @@ def _check_smoke(res):
     return r
 
 
-def test_throughput_benchmark_code_path_on_the_tiny_pipeline():
+def test_throughput_benchmark_code_path_on_the_tiny_pipeline(tmp_path):
     """Everything of ``bench sd-throughput`` but the SD v1.5 build: timing, FLOP and memory columns, the table."""
     from sacode.bench.sd import sd_throughput
-    r = _check_smoke(sd_throughput("smoke", model="tiny"))
+    r = _check_smoke(sd_throughput("smoke", model="tiny", out=tmp_path))
+    assert (tmp_path / "bench-sd-throughput.png").exists()
     assert r["model"] == "tiny" and r["calls_per_image"]["ctpo"]["vae_decode"] == 2      # K = 1: x_K and x0_hat
 
 

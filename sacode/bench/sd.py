@@ -212,7 +212,43 @@ def sd_throughput(profile: str = "class", seeds: int = 1, presets=None, algos=No
     if bf16 is not None and "ddpo" in bf16["algos"]:
         results["train_fraction_of_peak"] = bf16["algos"]["ddpo"]["fraction_of_peak"]
         results["sample_fraction_of_peak"] = bf16["sample_fraction_of_peak"]
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot_throughput(results, Path(out) / "bench-sd-throughput.png")
     return {"profile": profile, "results": results, "table": throughput_table(results, profile)}
+
+
+def plot_throughput(r: dict, path: Path) -> None:
+    """Seconds per image of an iteration (rollout + update) and peak memory, measured and counted, per run."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ..plotting import color
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    labels, secs, peaks, counted, cols = [], [], [], [], []
+    for run in r["runs"]:
+        for key, a in run["algos"].items():
+            labels.append(f"{key}\n{run['amp']}")
+            secs.append(a["s_per_image"])
+            peaks.append(a["peak_GiB"])
+            counted.append(max(a["predicted_update_GiB"], run["predicted_GiB"]["rollout"]))
+            cols.append(color(key.split("_")[0]))
+    xs = list(range(len(labels)))
+    ax[0].bar(xs, secs, color=cols)
+    ax[0].set(ylabel="seconds per image", title=f"one iteration per image ({r['device']}, {r['resolution']} px)")
+    ax[1].bar([x - 0.2 for x in xs], peaks, 0.4, color=cols, label="measured peak")
+    ax[1].bar([x + 0.2 for x in xs], counted, 0.4, color="#aaaaaa", label="counted (bench sd-cost's counter)")
+    ax[1].set(ylabel="GiB", title="peak memory of the iteration")
+    top = max([v for v in peaks + counted if not math.isnan(v)] or [1.0])
+    ax[1].set_ylim(0, 1.35 * top)
+    ax[1].legend(fontsize=8, loc="upper left")
+    for a in ax:
+        a.set_xticks(xs, labels, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _pct(v) -> str:
