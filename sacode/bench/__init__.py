@@ -21,6 +21,7 @@ BENCHMARKS = {
     "digits": "sacode.bench.digits:digits_benchmark",
     "estimator": "sacode.bench.estimator:estimator_benchmark",
     "steering": "sacode.bench.steering:steering_benchmark",
+    "sd-cost": "sacode.bench.sd_cost:sd_cost",
 }
 
 
@@ -56,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                                           **({"lrs": [float(v) for v in args.lrs.split(",")]} if args.lrs else {}))
     res["command"] = "python -m sacode bench " + " ".join(argv if argv is not None else sys.argv[2:])
     res["wall_s"] = time.perf_counter() - t0
+    name = res.pop("output", f"bench-{args.name}.json")           # a benchmark may name its own file
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"bench-{args.name}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / name).write_text(json.dumps(res, indent=1))
     if args.json:
         print(json.dumps(res, indent=1))
     else:
         print(res.pop("table", ""))
-        print(f"written: {args.out}/bench-{args.name}.json ({res['wall_s']:.0f} s)")
+        print(f"written: {args.out}/{name} ({res['wall_s']:.0f} s)")
     return 0

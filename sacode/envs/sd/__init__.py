@@ -7,6 +7,7 @@
 * :mod:`sacode.envs.sd.value` — the learned branch of the structured value network on latents.
 * :mod:`sacode.envs.sd.task` — the presets ``sd15-*`` and ``sd-tiny-*`` of ``python -m sacode train``.
 * :mod:`sacode.envs.sd.tiny` — a tiny random pipeline built locally (CPU tests and the book).
+* :mod:`sacode.envs.sd.sd15` — SD v1.5's architecture with random weights (``model=sd15-random``): cost only.
 
 Nothing here imports diffusers at package import time (it takes seconds); the modules import it when used.
 """

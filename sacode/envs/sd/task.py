@@ -40,7 +40,8 @@ MODEL_HELP = (
 # options of every SD preset (set with --set key=value like the engine's keys); model "" = $SACODE_SD_MODEL or the
 # hub id
 SD_OPTIONS: dict[str, Param] = {
-    "model": Param("", str, "pipeline folder or hub id (empty: $SACODE_SD_MODEL, else the SD v1.5 hub id)"),
+    "model": Param("", str, "pipeline folder, hub id or sd15-random (random weights, cost only); empty: "
+                  "$SACODE_SD_MODEL, else the SD v1.5 hub id"),
     "allow_download": Param(False, bool, "let the Hugging Face hub download missing files"),
     "reward": Param("compressibility", str, "reward", choices=REWARDS),
     "prompts": Param("animals", str, "prompt set: animals, unicorn, file:PATH or a literal prompt"),
@@ -235,10 +236,14 @@ def resolve_model(option: str, tiny: bool = False) -> str:
 
 def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"):
-    """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), or the
-    tiny random pipeline for ``model="tiny"`` (built locally, sacode/envs/sd/tiny.py). No safety checker."""
+    """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), the
+    tiny random pipeline for ``model="tiny"`` (built locally, sacode/envs/sd/tiny.py), or SD v1.5's architecture with
+    random weights for ``model="sd15-random"`` (cost measurement only, sacode/envs/sd/sd15.py). No safety checker."""
     from diffusers import StableDiffusionPipeline
 
+    if model == "sd15-random":              # SD v1.5's architecture, random weights: cost only (sd15.py)
+        from .sd15 import build_sd15_random
+        return build_sd15_random(device=device, dtype=torch_dtype)
     if model == "tiny":
         from .tiny import tiny_pipeline_path
         model = str(tiny_pipeline_path())
