@@ -1,6 +1,12 @@
 """One figure style for the whole book: every method keeps its colour in every chapter.
 
 Use ``plotting.setup()`` at the top of a chapter and ``COLORS[name]`` (or :func:`color`) for each curve.
+
+Readable in the book: the online book shows a figure at its natural size (``figure.dpi`` = 100 pixels an inch)
+when it fits the content column, and shrinks it to the column when it does not. The column is 784 px wide in a
+1400 px window, so a figure at most :data:`COLUMN_INCHES` wide is never shrunk, and a font of
+:data:`MIN_FONT_PT` points or more is then at least that size on the screen. ``tests/test_chapter_layout.py``
+checks both in every chapter, and at most three panels in a row.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ COLORS: dict[str, str] = {
     "backprop": "#9467bd",
     "optimal": "#000000",
 }
+
+
+COLUMN_INCHES = 7.8      # the book's content column (784 px at a 1400 px window) at figure.dpi = 100
+MIN_FONT_PT = 9          # the smallest font a figure may use (tick labels, legends, annotations)
+MAX_PANELS_PER_ROW = 3
 
 
 def color(name: str) -> str:
@@ -59,4 +70,5 @@ def loglog_slope_label(ax, x, y, label: str, **kw) -> float:
     return slope
 
 
-__all__ = ["COLORS", "color", "setup", "loglog_slope_label", "plt"]
+__all__ = ["COLORS", "COLUMN_INCHES", "MIN_FONT_PT", "MAX_PANELS_PER_ROW", "color", "setup",
+           "loglog_slope_label", "plt"]
