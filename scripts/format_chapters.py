@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         old = path.read_text()
         new = format_text(old)
         check_same_notebook(old, new)
-        name = path.relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+        name = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
         if new != old:
             if args.check:
                 print(f"{name}: would be reformatted")
