@@ -130,7 +130,7 @@ def test_the_figure_check_catches_wide_figures_small_fonts_and_four_panels():
            "axes[0].legend(fontsize=8)\nax.tick_params(labelsize='small')\n")
     problems = figure_problems(bad)
     assert len(problems) == 4, problems
-    good = ("fig, axes = plt.subplots(1, 3, figsize=(7.8, 3))\naxes[0].legend(fontsize=9)\n"
+    good = ("fig, axes = plt.subplots(1, 3, figsize=(7.6, 3))\naxes[0].legend(fontsize=9)\n"
             "fig, ax = plt.subplots(figsize=(plotting.COLUMN_INCHES, 3))\n")
     assert figure_problems(good) == []
 
