@@ -12,7 +12,7 @@ export JUPYTER_CONFIG_PATH := $(CURDIR)/.jupyter
 export HF_HUB_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: all venv test unit verify notebooks nbtest book check-book lab handouts time-chapters clean help
+.PHONY: all venv test unit verify notebooks nbtest book check-book lab handouts time-chapters format-chapters clean help
 
 help:
 	@echo "make test           unit tests + python -m sacode verify + every chapter in the ci profile (nbval)"
@@ -21,6 +21,7 @@ help:
 	@echo "make lab            open the chapters in JupyterLab (a double click opens a chapter as a notebook)"
 	@echo "make handouts       exercise notebooks in _build/handouts/student and _build/handouts/instructor"
 	@echo "make time-chapters  measure how long each chapter takes to run (class profile), print a table"
+	@echo "make format-chapters  format the chapters' code cells (ruff) to the book's 88 columns; prose untouched"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +69,10 @@ handouts: notebooks
 
 time-chapters: $(STAMP)
 	$(PY) scripts/time_chapters.py
+
+# ruff comes with the `test` extra; only the code cells change, see scripts/format_chapters.py
+format-chapters: $(STAMP)
+	$(PY) scripts/format_chapters.py
 
 clean:
 	rm -rf _build runs

@@ -1,6 +1,12 @@
 """One figure style for the whole book: every method keeps its colour in every chapter.
 
 Use ``plotting.setup()`` at the top of a chapter and ``COLORS[name]`` (or :func:`color`) for each curve.
+
+Readable in the book: the online book shows a figure at its natural size (``figure.dpi`` = 100 pixels an inch)
+when it fits the content column, and shrinks it to the column when it does not. The column is 784 px wide in a
+1400 px window, so a figure at most :data:`COLUMN_INCHES` wide is never shrunk, and a font of
+:data:`MIN_FONT_PT` points or more is then at least that size on the screen. ``tests/test_chapter_layout.py``
+checks both in every chapter, and at most three panels in a row.
 """
 from __future__ import annotations
 
@@ -41,6 +47,13 @@ COLORS: dict[str, str] = {
 }
 
 
+# the book's content column is 784 px at a 1400 px window; at figure.dpi = 100 a figure this wide is 760 px,
+# plus the 0.1 in the inline backend pads on each side (bbox_inches="tight"): 780 px
+COLUMN_INCHES = 7.6
+MIN_FONT_PT = 9          # the smallest font a figure may use (tick labels, legends, annotations)
+MAX_PANELS_PER_ROW = 3
+
+
 def color(name: str) -> str:
     """The book-wide colour of a method or reference curve."""
     if name not in COLORS:
@@ -62,6 +75,15 @@ def setup() -> None:
     })
 
 
+def legend_outside(ax, **kw):
+    """The axes' legend to the right of the axes, off the data.
+
+    Make the figure with ``layout="constrained"`` so that the axes shrink to leave it room inside the figure
+    width; ``kw`` go to ``ax.legend`` (``title``, ``ncol``, ...).
+    """
+    return ax.legend(**{"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, **kw})
+
+
 def loglog_slope_label(ax, x, y, label: str, **kw) -> float:
     """Plot y against x on log-log axes and return the least-squares slope (shown in the legend)."""
     import numpy as np
@@ -71,4 +93,5 @@ def loglog_slope_label(ax, x, y, label: str, **kw) -> float:
     return slope
 
 
-__all__ = ["COLORS", "color", "setup", "loglog_slope_label", "plt"]
+__all__ = ["COLORS", "COLUMN_INCHES", "MIN_FONT_PT", "MAX_PANELS_PER_ROW", "color", "setup",
+           "legend_outside", "loglog_slope_label", "plt"]
