@@ -315,6 +315,7 @@ def _tune(algos, batches, profile, cache, recipe, extra, workers, lrs=None) -> d
 
 def _convergence(profile, seeds, presets, algos, cache, out, recipes, overrides, workers, name, lrs,
                  batches) -> dict:
+    torch.set_num_threads(1)         # many small tensor operations: one thread is fastest, and shares the cores
     S = CONV_SETTINGS[profile]
     presets = list(presets or S.presets)
     algos = list(algos or CONV_ALGOS)

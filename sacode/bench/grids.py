@@ -147,6 +147,7 @@ def _median_iqr(v: list[float]) -> dict:
 
 def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: Path, lrs=None, overrides=None,
                    workers: int = 1) -> dict:
+    torch.set_num_threads(1)         # many small tensor operations: one thread is fastest, and shares the cores
     presets = list(presets or GRID_PRESETS[profile])
     algos = list(algos or GRID_ALGOS)
     extra = json.dumps(dict(overrides or {}), sort_keys=True)

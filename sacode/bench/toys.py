@@ -103,6 +103,7 @@ def deterministic(profile: str, seeds: int, presets, algos, cache: Path, out: Pa
     """Fine-tune through the PF-ODE (Heun) with exploration sigma_e, against the exploratory problem's optimum."""
     from ..theory.exploratory_optimum import exploratory_optimum
 
+    torch.set_num_threads(1)         # many small tensor operations: one thread is fastest, and shares the cores
     presets = presets or ["gauss1d-linear", "gauss1d-linear-short"]
     algos = algos or ["ctpo", "ddpo"]
     explore = 0.5
