@@ -109,7 +109,7 @@ CONV_SETTINGS = {
     "ci": Settings(("gauss1d-linear",), ("gauss1d-linear",), (8, 32), (32,), (3e-3,), {8: 8, 32: 6}, (32, 64), 256,
                    64, 3),
     "class": Settings(("gauss1d-linear", "gauss1d-quadratic", "mixture2d-linear"), ("gauss1d-linear",), BATCHES,
-                      (32, 256), (1e-3, 3e-3, 1e-2), {8: 300, 16: 200, 32: 150, 64: 100, 256: 60}, (512, 2048),
+                      (32,), (1e-3, 3e-3, 1e-2), {8: 300, 16: 200, 32: 150, 64: 100, 256: 60}, (512, 2048),
                       4000, 1024, 80),
     "full": Settings(TOY_PRESETS, ("gauss1d-linear", "mixture2d-linear"), BATCHES, BATCHES, (3e-4, 1e-3, 3e-3, 1e-2),
                      {8: 600, 16: 400, 32: 300, 64: 200, 256: 120}, (512, 2048, 8192), 8000, 2048, 150),

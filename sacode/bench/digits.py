@@ -163,6 +163,8 @@ def _n_eval(profile: str) -> int:
 def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
     from ..envs.digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
 
+    torch.set_num_threads(1)         # small convolutions on a shared 2-core machine: one thread is fastest
+
     preset = (presets or [PRESET])[0]
     algos = algos or ALGOS
     sweep_algos = [a for a in SWEEP_ALGOS if a in algos]
