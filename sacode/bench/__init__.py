@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
 
 BENCHMARKS = {
-    "toy-convergence": "sacode.bench.toys:toy_convergence",
-    "discretization": "sacode.bench.toys:discretization",
+    "toy-convergence": "sacode.bench.convergence:toy_convergence",
+    "toy-recipe": "sacode.bench.convergence:toy_recipe",
+    "discretization": "sacode.bench.grids:discretization",
     "deterministic": "sacode.bench.toys:deterministic",
     "sd-throughput": "sacode.bench.sd:sd_throughput",
     "digits": "sacode.bench.digits:digits_benchmark",
@@ -41,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="figures", help="where the JSON and the figure are written")
     p.add_argument("--cache", default="runs/bench-cache")
     p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid for the fair tuning")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="configuration override applied to every run of the benchmark (toy benchmarks), e.g. the "
+                        "value-learning options; repeatable")
+    p.add_argument("--workers", type=int, default=None, help="worker processes for independent runs (toy "
+                   "benchmarks; default 1)")
     args = p.parse_args(argv)
+    from ..engine.config import parse_sets
     from ..profiles import profile
     prof = args.profile or profile()
     if not args.name.startswith("sd-"):
@@ -49,15 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         # intra-op thread only adds contention (measured: up to 10x slower under load), as in `verify` and the tests
         import torch
         torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    c_children = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])   # CPU of finished worker processes
     res = _resolve(BENCHMARKS[args.name])(profile=prof, seeds=args.seeds,
                                           presets=args.presets.split(",") if args.presets else None,
                                           algos=args.algos.split(",") if args.algos else None,
                                           cache=Path(args.cache), out=Path(args.out),
-                                          **({"lrs": [float(v) for v in args.lrs.split(",")]} if args.lrs else {}))
+                                          **({"lrs": [float(v) for v in args.lrs.split(",")]} if args.lrs else {}),
+                                          **({"overrides": parse_sets(args.set)} if args.set else {}),
+                                          **({"workers": args.workers} if args.workers else {}))
     res["command"] = "python -m sacode bench " + " ".join(argv if argv is not None else sys.argv[2:])
     res["wall_s"] = time.perf_counter() - t0
     name = res.pop("output", f"bench-{args.name}.json")           # a benchmark may name its own file
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res["cpu_s"] = time.process_time() - c0 + children.ru_utime + children.ru_stime - c_children
+    res["load_avg"] = os.getloadavg()                 # the machine's load at the end (shared machines)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / name).write_text(json.dumps(res, indent=1))
     if args.json:

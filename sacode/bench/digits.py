@@ -10,6 +10,10 @@ Three measurements on ``digits-class3`` (reward log p(3 | x), beta = 1), all at 
   reward-KL trade-off (a Pareto plot) with sample grids.
 * **time grids**: policies trained on K = 10 DDIM steps evaluated with K in DIGITS_EVAL_KS steps (and with the
   Euler-Maruyama sampler): does the fine-tuned score transfer to other discretisations?
+* **samples to 90%** (chapter 8): the trajectories each run needs until its batch reward (and its batch objective
+  J) reaches 90% of the run's own final improvement over the pretrained model and stays there for
+  STAY_ITERATIONS iterations; and, to compare ctpo with ddpo on one scale, until it reaches 90% of the smaller of
+  the two algorithms' median final reward improvements.
 
 Runs are cached in ``runs/bench-cache`` (so re-running with more seeds only trains what is missing).
 """
@@ -106,12 +110,60 @@ def _agg(vals: list[float]) -> tuple[float, float]:
     return (float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0) if a.size else (float("nan"), 0.0)
 
 
+FRACTION = 0.9
+STAY_ITERATIONS = 3
+
+
+def samples_to_fraction(curve: list[dict], key: str, start: float, final: float, frac: float = FRACTION,
+                        stay: int = STAY_ITERATIONS) -> int | None:
+    """Samples used at the first iteration from which ``curve[key]`` stays >= start + frac (final - start) for
+    ``stay`` iterations (None: never)."""
+    target = start + frac * (final - start)
+    run = 0
+    for i, p in enumerate(curve):
+        run = run + 1 if p[key] >= target else 0
+        if run == stay:
+            return curve[i - stay + 1]["samples_used"]
+    return None
+
+
+def samples_to_90(rows: list[dict], algos=("ctpo", "ddpo")) -> dict:
+    """Per algorithm and seed: samples to 90% of the run's own final reward and objective improvements, and to 90%
+    of a common reward target (the smaller of the algorithms' median final improvements); medians over seeds."""
+    by = {r["algo"]: r for r in rows if r["algo"] in algos}
+    if not by:
+        return {}
+    pre = next(iter(by.values()))["reward_pretrained"]
+    final_median = {a: float(np.median([c[-1]["reward"] for c in r["curves"]])) for a, r in by.items()}
+    common = min(r["reward_final"] for r in by.values())
+    out = {"fraction": FRACTION, "stay_iterations": STAY_ITERATIONS, "reward_pretrained": pre,
+           "common_reward_final": common, "final_batch_reward_median": final_median, "algos": {}}
+    for a, r in by.items():
+        finals_r = r["reward_final_per_seed"]
+        finals_J = r["objective_per_seed"]
+        own_r = [samples_to_fraction(c, "reward", pre, f) for c, f in zip(r["curves"], finals_r)]
+        own_J = [samples_to_fraction(c, "objective", pre, f) for c, f in zip(r["curves"], finals_J)]
+        com = [samples_to_fraction(c, "reward", pre, common) for c in r["curves"]]
+        med = lambda v: (float(np.median([np.inf if x is None else x for x in v]))
+                         if sum(x is not None for x in v) * 2 > len(v) else None)
+        out["algos"][a] = {"reward_own": own_r, "objective_own": own_J, "reward_common": com,
+                           "reward_own_median": med(own_r), "objective_own_median": med(own_J),
+                           "reward_common_median": med(com), "samples_per_run": r["samples_used"]}
+    if {"ctpo", "ddpo"} <= set(out["algos"]):
+        c, d = out["algos"]["ctpo"], out["algos"]["ddpo"]
+        out["ratio_ddpo_over_ctpo"] = {k: (d[k] / c[k] if c[k] and d[k] else None)
+                                       for k in ("reward_own_median", "objective_own_median", "reward_common_median")}
+    return out
+
+
 def _n_eval(profile: str) -> int:
     return {"ci": 64, "class": 256, "full": 1000}[profile]
 
 
 def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out: Path) -> dict:
     from ..envs.digits.quality import frechet_distance  # noqa: F401  (fail early if scipy is missing)
+
+    torch.set_num_threads(1)         # small convolutions on a shared 2-core machine: one thread is fastest
 
     preset = (presets or [PRESET])[0]
     algos = algos or ALGOS
@@ -137,9 +189,12 @@ def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out:
                   "objective_opt_bound", "reward_pretrained"):
             row[k], row[k + "_sd"] = _agg([s.get(k) for s in ss])
         row["curves"] = [r["curve"] for r in runs[a]]
+        row["reward_final_per_seed"] = [s["reward_final"] for s in ss]
+        row["objective_per_seed"] = [s["objective"] for s in ss]
         row["images"] = _images(runs[a][0])
         rows.append(row)
     res["algorithms"] = rows
+    res["samples_to_90"] = samples_to_90(rows)
 
     # 2. beta sweep (reward-KL trade-off, reward hacking at beta = 0) ------------------------------------
     sweep = []
@@ -196,6 +251,18 @@ def _table(res: dict) -> str:
                      f"{_fmt(r['fd_target_class_final'], r['fd_target_class_final_sd'], 0):>13}"
                      f"{_fmt(r['target_fraction_final'], r['target_fraction_final_sd']):>12}"
                      f"{r['pairwise_distance_final']:>11.2f}{r['wall_s']:>8.0f}")
+    s90 = res.get("samples_to_90") or {}
+    if s90:
+        lines.append(f"trajectories until the batch reward stays (for {s90['stay_iterations']} iterations) above "
+                     f"{s90['fraction']:.0%} of the improvement: median over seeds [per seed]")
+        fmt = lambda v: "—" if v is None else f"{v:.0f}"
+        for a, d in s90["algos"].items():
+            lines.append(f"  {a:<6} own final reward {fmt(d['reward_own_median']):>6} {d['reward_own']}   own final J "
+                         f"{fmt(d['objective_own_median']):>6} {d['objective_own']}   common reward target "
+                         f"{s90['common_reward_final']:.2f}: {fmt(d['reward_common_median']):>6} {d['reward_common']}")
+        if "ratio_ddpo_over_ctpo" in s90:
+            lines.append("  ddpo/ctpo: " + ", ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}"
+                                                      for k, v in s90["ratio_ddpo_over_ctpo"].items()))
     lines.append("beta sweep (seed 0): algo beta -> reward, path KL, FD, FD to 3s")
     for r in res["beta_sweep"]:
         lines.append(f"  {r['algo']:<6} beta={r['beta']:<5g} reward {r['reward_final']:7.2f}  KL {r['kl_path']:6.2f}  "

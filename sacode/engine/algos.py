@@ -25,6 +25,12 @@ the paper code's 1/2 ((1+eta^2)/(2 eta))^2 (int_step g^2) ||s_theta - s_pre||^2.
 per-step factor that depends on neither the state nor theta (:func:`~sacode.theory.kl.kl_penalty_scale`), so every
 algorithm applies it the same way: to the KL term of its loss, to the value targets, and (ddpo) to the sampled
 log-ratio.
+
+The official recipe of the paper's code (chapter 8) is a combination of options: ``adv_norm=step`` (advantages
+standardised per time step and then clamped to +- ``adv_clip``, for ctpo and dpok as for ddpo),
+``logprob_mean=True`` with the clip range divided by the dimension, and AdamW (``weight_decay > 0``). Every
+``update`` reports ``grad_clipped_frac``, the fraction of its optimiser steps whose gradient norm exceeded
+``max_grad_norm`` (and was clipped to it).
 """
 from __future__ import annotations
 
@@ -85,19 +91,31 @@ def ppo_clip_loss(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip: float) 
 def normalise(adv: Tensor, mode: str) -> Tensor:
     """How advantages are rescaled before the PPO loss.
 
-    ``none``; ``center`` (subtract each step's batch mean: a baseline, the scale is kept); ``global`` (one
-    mean/std for all steps); ``step`` (per time step, as the paper's SD code). Rescaling changes the balance
-    between the reward term and an explicit ``beta KL_k(theta)`` term, so ctpo and dpok default to ``center``.
+    ``none``; ``center`` (subtract, per step, the mean of the *other* trajectories of the batch: a leave-one-out
+    baseline, so the expected gradient and its scale are kept); ``global`` (one mean/std for all steps); ``step``
+    (per time step, as the paper's SD code). Rescaling changes the balance between the reward term and an explicit
+    ``beta KL_k(theta)`` term, so ctpo and dpok default to ``center``. The baseline must leave the trajectory out:
+    subtracting the plain batch mean, which contains the trajectory's own advantage, multiplies the expected
+    reward gradient by 1 - 1/n while the explicit KL gradient keeps its weight, an effective KL weight
+    beta n/(n - 1) (measured in chapter 8: a terminal-mean bias of about 1/n of the fine-tuning shift). Standardised
+    advantages (``global``, ``step``) are clamped by :func:`clamp_standardised`.
     """
     if mode == "none":
         return adv
     if mode == "center":
-        return adv - adv.mean(1, keepdim=True)
+        n = adv.shape[1]
+        return (adv - adv.mean(1, keepdim=True)) * (n / (n - 1) if n > 1 else 0.0)
     if mode == "global":
         return (adv - adv.mean()) / (adv.std() + 1e-8)
     if mode == "step":
         return (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + 1e-8)
     raise ValueError(f"unknown advantage normalisation {mode!r}; use none, global or step")
+
+
+def clamp_standardised(adv: Tensor, mode: str, bound: float) -> Tensor:
+    """Clamp advantages to +- ``bound`` when ``mode`` standardised them (``global``, ``step``), as the official
+    code clamps its per-step standardised advantages to +- 5; unscaled advantages (``none``, ``center``) are kept."""
+    return adv.clamp(-bound, bound) if mode in ("global", "step") else adv
 
 
 class PerConditionStats:
@@ -205,6 +223,10 @@ class Algorithm:
         self.watch.parameters(params)
         return float(gn)
 
+    def _clipped_frac(self, norms: list[float]) -> float:
+        """Fraction of optimiser steps whose gradient norm (before clipping) exceeded ``max_grad_norm``."""
+        return sum(g > self.cfg.max_grad_norm for g in norms) / max(len(norms), 1)
+
     def _trainable(self) -> list:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
@@ -236,6 +258,7 @@ class Algorithm:
                     info[k] += w * v
             info = dict(info)
             info["grad_norm"] = self._clip_step(self.opt, self._trainable())
+            info["grad_clipped_frac"] = self._clipped_frac([info["grad_norm"]])
             infos.append(info)
         return {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]} if infos else {}
 
@@ -296,6 +319,7 @@ class CTPO(Algorithm):
         skip = skip_on_rollout(self.value, batch)
         vloss = self.fit_value(batch, self.returns_to_go(batch), gen, skip)
         adv = normalise(self.advantages(batch, skip), self.cfg.adv_norm)
+        adv = clamp_standardised(adv, self.cfg.adv_norm, self.cfg.adv_clip)
         return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
 
 
@@ -329,7 +353,9 @@ class CTPOPathwise(Algorithm):
             kl = self.step_penalty(mean, tr.pre_mean[idx], tr.std[idx], tr.s_cur[idx], tr.s_next[idx])
             loss = -(gain - self.beta * kl).mean()
             infos.append({"grad_norm": self._opt_step(loss * batch.K if self.cfg.sum_steps else loss)})
-        return {"grad_norm": sum(i["grad_norm"] for i in infos) / len(infos), "value_loss": vloss}
+        norms = [i["grad_norm"] for i in infos]
+        return {"grad_norm": sum(norms) / len(norms), "grad_clipped_frac": self._clipped_frac(norms),
+                "value_loss": vloss}
 
 
 class DDPO(Algorithm):
@@ -365,6 +391,7 @@ class DPOK(Algorithm):
         with torch.no_grad():
             v = value_on_rollout(self.value, batch, skip=skip, chunk=self.cfg.value_minibatch or None)[:-1]
         adv = normalise(batch.rewards[None] - v, self.cfg.adv_norm)
+        adv = clamp_standardised(adv, self.cfg.adv_norm, self.cfg.adv_clip)
         return self.ppo_update(batch, adv, gen, extra_kl=True) | {"value_loss": vloss}
 
 
@@ -383,7 +410,7 @@ class Backprop(Algorithm):
         for _ in range(n_up):
             cond = self.env.sample_conditions(m, gen)
             norms.append(self._opt_step(-self.objective(batch.grid, m, cond, gen).mean()))
-        return {"grad_norm": sum(norms) / len(norms)}
+        return {"grad_norm": sum(norms) / len(norms), "grad_clipped_frac": self._clipped_frac(norms)}
 
     def objective(self, grid, n: int, cond, gen: torch.Generator) -> Tensor:
         """r(x_T) - beta sum_k KL_k(theta) on fresh reparameterised samples; differentiable in theta."""

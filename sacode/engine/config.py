@@ -142,7 +142,7 @@ class TrainConfig:
     lr: float = param(3e-3, float, "policy learning rate", gt=0.0)
     value_lr: float = param(3e-3, float, "value-network learning rate", gt=0.0)
     clip: float = param(0.2, float, "PPO clip range of the likelihood ratio", gt=0.0)
-    adv_clip: float = param(5.0, float, "advantages are clamped to +- adv_clip (ddpo; all when adv_norm=step)", gt=0.0)
+    adv_clip: float = param(5.0, float, "advantages are clamped to +- adv_clip (ddpo; ctpo and dpok when adv_norm is global or step)", gt=0.0)
     adv_norm: str = param("center", str, "advantage normalisation", choices=("none", "center", "global", "step"))
     inner_epochs: int = param(1, int, "PPO epochs per batch", ge=1)
     minibatch: int = param(1024, int, "transitions per optimiser step", ge=1)
@@ -172,6 +172,11 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = param(10, int, "iterations between checkpoints", ge=1)
     progress: bool = param(True, bool, "show a progress bar")
+    # --- training on many time grids (chapter 10) ------------------------------------------------------------
+    # grid=random with random_K_max > K draws the number of steps of every iteration's grid uniformly from
+    # K..random_K_max (and its interior times uniformly), so one continuous-time policy is trained on many grids.
+    random_K_max: int = param(0, int, "grid=random: draw each iteration's K uniformly from K..random_K_max "
+                              "(0: K fixed)", ge=0)
     # task-specific options (Task.options), set with --set key=value like the fields above
     options: dict = field(default_factory=dict)
 
@@ -298,6 +303,9 @@ def validate(cfg: TrainConfig, options: Mapping[str, Param] | None = None) -> No
     if cfg.kl == "girsanov" and (cfg.method not in ("em", "ddim") or cfg.eta == 0):
         raise ValueError(f"kl=girsanov needs a stochastic sampler (method em or ddim with eta > 0): its factor "
                          f"((1+eta^2)/(2 eta))^2 is infinite for method={cfg.method}, eta={cfg.eta}; use kl=chain")
+    if cfg.random_K_max and (cfg.grid != "random" or cfg.random_K_max < cfg.K):
+        raise ValueError(f"random_K_max={cfg.random_K_max} needs grid=random and random_K_max >= K={cfg.K} (each "
+                         "iteration draws K uniformly from K..random_K_max)")
     if cfg.method in ("pf-euler", "pf-heun") or (cfg.method in ("em", "ddim") and cfg.eta == 0):
         if cfg.explore <= 0:
             raise ValueError(f"method={cfg.method} with eta={cfg.eta} is deterministic: its transitions have no "

@@ -72,3 +72,65 @@ class ResidualMLPPolicy(ScorePolicy):
     def forward(self, s: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
         s = as_time(s, x)
         return self.env.pretrained_score(s, x, cond) + self.correction(s, x)
+
+
+class PerStepPolicy(ScorePolicy):
+    """s_theta(s, x) = s_pre(s, x) + c_{k(s)}(x): a separate MLP correction per step of a reference grid, with no
+    time input (chapter 10). It is the control against which the continuous-time score parameterisation is judged:
+    a discrete-time policy, a table of per-step networks indexed by the step.
+
+    On its reference grid (the training grid) step k uses network k. On any other grid a time s uses the network of
+    the reference step that contains it, the step k whose start s_k is the last reference time with s_k >= s (in RL
+    time: the last t_k <= t), as a discrete-time policy's lookup table would; this is the "previous" extension of
+    :meth:`sacode.theory.discrete_optimum.DiscreteOptimum.offsets`. Each correction starts at zero, so the policy
+    starts as the pretrained sampler.
+
+    Args:
+        env: the environment (its pretrained score and event shape).
+        grid_s: diffusion times s_0 = T > ... > s_K of the reference grid (``TimeGrid.s``).
+    """
+
+    def __init__(self, env, grid_s: Tensor, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        self.env = env
+        self.d = math.prod(env.event_shape)
+        self.register_buffer("s_ref", torch.as_tensor(grid_s, dtype=torch.float64).clone())
+        self.nets = nn.ModuleList(self._net(hidden, depth) for _ in range(self.K))
+        self.double()
+
+    def _net(self, hidden: int, depth: int) -> nn.Sequential:
+        layers, w = [], self.d
+        for _ in range(depth):
+            layers += [nn.Linear(w, hidden), nn.SiLU()]
+            w = hidden
+        last = nn.Linear(w, self.d)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return nn.Sequential(*layers, last)
+
+    @property
+    def K(self) -> int:
+        """Number of steps of the reference grid (and of networks)."""
+        return self.s_ref.numel() - 1
+
+    def step_index(self, s: Tensor) -> Tensor:
+        """The reference step containing each diffusion time s: the last k < K with s_k >= s (shape (n,), long)."""
+        tol = 1e-9 * float(self.s_ref[0])                  # times on the reference grid map to their own step
+        idx = (self.s_ref[:-1][None, :] >= s.reshape(-1, 1).to(self.s_ref) - tol).sum(1) - 1
+        return idx.clamp(0, self.K - 1)
+
+    def correction(self, s: Tensor, x: Tensor) -> Tensor:
+        s = as_time(s, x)
+        flat = x.reshape(x.shape[0], -1)
+        idx = self.step_index(s)
+        if bool((idx == idx[0]).all()):                     # one step (a rollout step): one network
+            return self.nets[int(idx[0])](flat).reshape(x.shape)
+        out = torch.zeros_like(flat)
+        for k in torch.unique(idx).tolist():
+            sel = idx == k
+            out = out.index_put((sel,), self.nets[k](flat[sel]))
+        return out.reshape(x.shape)
+
+    def forward(self, s: Tensor, x: Tensor, cond: Conditions | None = None) -> Tensor:
+        s = as_time(s, x)
+        return self.env.pretrained_score(s, x, cond) + self.correction(s, x)

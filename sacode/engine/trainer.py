@@ -36,7 +36,10 @@ def grid_end(cfg: TrainConfig, T: float) -> float:
 
 
 def training_grid(cfg: TrainConfig, env, gen: torch.Generator, K: int | None = None) -> TimeGrid:
-    """The grid of one training iteration (``cfg.grid``; ``random`` draws a fresh one from ``gen``)."""
+    """The grid of one training iteration (``cfg.grid``; ``random`` draws a fresh one from ``gen``, with a number of
+    steps drawn from K..random_K_max when ``cfg.random_K_max > K``)."""
+    if K is None and cfg.grid == "random" and cfg.random_K_max > cfg.K:
+        K = int(torch.randint(cfg.K, cfg.random_K_max + 1, (1,), generator=gen))
     K, T = K or cfg.K, env.sde.T
     s_end = grid_end(cfg, T)
     if cfg.grid == "native":                 # the environment's own grid, e.g. a diffusers scheduler's timesteps

@@ -6,9 +6,11 @@ import dataclasses
 
 import torch
 
-from ...engine.config import ConfigTable
-from ...engine.policy import ResidualMLPPolicy
+from ...engine.config import ConfigTable, Param
+from ...engine.policy import PerStepPolicy, ResidualMLPPolicy
 from ...engine.task import Task
+from ...engine.trainer import grid_end
+from ...dynamics.grid import TimeGrid
 from ...theory import optimal
 from ...theory.control import Rollout
 from ...theory.estimate import mean_se
@@ -28,6 +30,10 @@ class ToyTask(Task):
     """Task of the toy presets (``gauss1d-*``, ``mixture2d-linear``)."""
 
     config_table = TOY_CONFIG
+    options = {"policy": Param("score", str, "policy network: score (a residual MLP of (t, x), one function of "
+                               "continuous time) or per-step (a separate MLP of x per step of the uniform K-step "
+                               "grid, no time input; other grids use the step that contains t; chapter 10)",
+                               choices=("score", "per-step"))}
 
     def __init__(self, cfg, params=None):
         super().__init__(cfg, params)
@@ -45,6 +51,9 @@ class ToyTask(Task):
         self.beta = self.preset.beta
 
     def make_policy(self, cfg) -> torch.nn.Module:
+        if cfg.options.get("policy", "score") == "per-step":
+            grid = TimeGrid.uniform(self.env.sde.T, cfg.K, grid_end(cfg, self.env.sde.T))
+            return PerStepPolicy(self.env, grid.s, hidden=cfg.hidden, depth=cfg.depth)
         return ResidualMLPPolicy(self.env, hidden=cfg.hidden, depth=cfg.depth)
 
     def summary(self, evaluation: Rollout) -> dict:
