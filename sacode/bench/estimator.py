@@ -14,9 +14,9 @@ compared with the exact grad J_K:
 
 ``value`` says which value ctpo / ctpo-pathwise use: ``exact-K`` (the policy's K-step value), ``exact-continuous``
 (the continuous-time V^theta on the grid), ``fitted`` (the engine's value network fitted at theta on
-FIT_BATCHES x FIT_N extra trajectories with the default learner; ``fitted-improved`` with IMPROVED) or ``training`` /
-``training-improved`` (the network as it stands inside an engine ctpo run of the affine policy, with the default value
-learner or with IMPROVED, one run per seed; theta_frac "pre" is the first iteration, "iter4" the policy after 4
+FIT_BATCHES x FIT_N extra trajectories with the paper's learner, ``PAPER_VALUE_LEARNING``; ``fitted-improved`` with
+``IMPROVED_VALUE_LEARNING``) or ``training`` / ``training-improved`` (the network as it stands inside an engine ctpo
+run of the affine policy, with the paper's value learner or with the improved one, one run per seed; theta_frac "pre" is the first iteration, "iter4" the policy after 4
 updates). dpok uses its exact reward critic (value "exact-K"); ddpo and backprop
 use none. ``ratio_ddpo_over_ctpo[value][d][K][theta_frac]`` is rel_var(ddpo) / rel_var(ctpo) measured on the same
 trajectories. ``value_learning`` follows the training runs for CURVE_ITERS iterations: the relative error of grad_x V
@@ -37,7 +37,8 @@ from ..dynamics.transition import Transition
 from ..engine.affine import AffinePolicy
 from ..engine.algos import make_algorithm
 from ..engine.gradient_probe import trajectory_gradients, value_along_states
-from ..engine.value import ValueLearner, returns_to_go, skip_on_rollout
+from ..engine.value import (IMPROVED_VALUE_LEARNING, PAPER_VALUE_LEARNING, ValueLearner, returns_to_go,
+                            skip_on_rollout)
 from ..envs.toys import ToyEnv
 from ..runs import make_config, make_trainer
 from ..theory import estimators as es
@@ -52,9 +53,6 @@ FRACS = (0.0, 0.5, 0.9)
 N_KNOTS = 5
 TRAIN_K, TRAIN_ITERS, TRAIN_BATCH, CURVE_ITERS = 20, 4, 256, 8
 FIT_BATCHES, FIT_N = 12, 1024
-IMPROVED = {"value_skip": "one", "value_zero_init": True, "value_lambda": 0.5, "value_replay": 4}
-"""The value learner chapter 7 recommends: the Tweedie branch with weight 1 and a learned branch that starts at zero,
-TD(0.5) targets and the last 4 batches in each regression (no extra samples)."""
 ESTIMATORS = (("ddpo", "none"), ("ctpo", "exact-K"), ("ctpo", "exact-continuous"), ("ctpo-pathwise", "exact-K"),
               ("ctpo-pathwise", "exact-continuous"), ("dpok", "exact-K"), ("backprop", "none"))
 DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 128
@@ -171,7 +169,7 @@ def _fitted_rows(sz: dict, seed: int, log) -> list[dict]:
             p, cps, fam, env, tr = _toy_env(name)
             th_star = es.optimal_theta(fam, cps[0].reward, p.beta)
             grid = TimeGrid.uniform(p.sde.T, TRAIN_K)
-            for label, over in (("fitted", {}), ("fitted-improved", IMPROVED)):
+            for label, over in (("fitted", PAPER_VALUE_LEARNING), ("fitted-improved", IMPROVED_VALUE_LEARNING)):
                 cfg = make_config(name, "ctpo", "class", 0, {"progress": False, **over}).replace(beta=p.beta)
                 for frac in sz["fracs"]:
                     thetas = np.tile(frac * th_star, (d, 1))
@@ -195,7 +193,8 @@ def _training_rows(sz: dict, seeds: int, log) -> tuple[list[dict], dict]:
         for d in sz["dims"]:
             name = gaussian_preset_name(kind, d)
             for seed in range(seeds):
-                for label, over in (("training", {}), ("training-improved", IMPROVED)):
+                for label, over in (("training", PAPER_VALUE_LEARNING),
+                                    ("training-improved", IMPROVED_VALUE_LEARNING)):
                     rs, curve = _training_run(name, d, label, over, sz, seed)
                     rows += rs
                     curves[f"{name}/{label}/seed{seed}"] = curve
@@ -448,5 +447,5 @@ def estimator_benchmark(profile: str, seeds: int = 1, presets=None, algos=None, 
     if rows:
         _plot(rows, curves, out / "bench-estimator.png")
     return {"profile": profile, "rows": rows, "ratio_ddpo_over_ctpo": _ratios(rows), "value_learning": curves,
-            "digits": digits, "targets": targets, "improved_value_learner": IMPROVED, "timing": timing,
+            "digits": digits, "targets": targets, "improved_value_learner": IMPROVED_VALUE_LEARNING, "timing": timing,
             "definitions": __doc__, "table": _table(rows, targets, digits)}

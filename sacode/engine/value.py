@@ -113,6 +113,14 @@ class StructuredValue(nn.Module):
 
 VALUE_NETWORKS = {"mlp": MLPValue, "structured": StructuredValue}
 
+PAPER_VALUE_LEARNING = {"value_skip": "cos", "value_zero_init": False, "value_lambda": 1.0, "value_replay": 1}
+"""The paper's value learner: the structured value with the cosine-faded Tweedie branch, fitted on the current
+batch's Monte-Carlo returns. The engine's default (digits and Stable Diffusion keep it)."""
+IMPROVED_VALUE_LEARNING = {"value_skip": "one", "value_zero_init": True, "value_lambda": 0.5, "value_replay": 4}
+"""The value learner chapter 7 recommends (the toys' default): the Tweedie branch with weight one, a learned branch
+that starts at zero, TD(0.5) targets and the last 4 batches in each regression (no extra samples). Chapter 7 measures
+that it keeps the value's input gradient, and with it ctpo's variance advantage, along training."""
+
 
 def make_value(kind: str, env, **kw) -> nn.Module:
     if kind not in VALUE_NETWORKS:

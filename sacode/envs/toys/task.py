@@ -9,6 +9,7 @@ import torch
 from ...engine.config import ConfigTable, Param
 from ...engine.policy import PerStepPolicy, ResidualMLPPolicy
 from ...engine.task import Task
+from ...engine.value import IMPROVED_VALUE_LEARNING
 from ...engine.trainer import grid_end
 from ...dynamics.grid import TimeGrid
 from ...theory import optimal
@@ -18,6 +19,7 @@ from ...theory.presets import toy_preset
 from .env import ToyEnv
 
 TOY_CONFIG = ConfigTable(
+    task=dict(IMPROVED_VALUE_LEARNING),   # chapter 7: keeps the value's input gradient along training
     profiles={
         "ci": dict(iterations=4, batch=64, eval_batch=512, checkpoint_every=2),
         "class": dict(iterations=60, batch=256, eval_batch=4096),
