@@ -25,7 +25,6 @@ defaults.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -47,7 +46,7 @@ from ..theory import policy_eval
 from ..theory.affine_policy import AffineScoreFamily
 from ..theory.discrete_optimum import discrete_optimum
 from ..theory.presets import TOY_PRESETS, toy_preset
-from .pool import run_jobs
+from .pool import config_key, run_jobs
 from .toys import TUNE_SEED
 
 BATCHES = (8, 16, 32, 64, 256)
@@ -207,27 +206,24 @@ def crn_point(ev, ref: dict) -> dict:
 
 
 # ----- one run ---------------------------------------------------------------------------------------------
-def _run_key(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def noise_run(preset: str, algo: str, batch: int, lr: float, seed: int, profile: str, cache: str,
               recipe: str = "sacode", extra: str = "{}") -> dict:
     """Train one run in the noise-limited protocol, evaluating after every iteration; cached as JSON."""
     from ..analysis import load_metrics
 
     cache_p = Path(cache)
-    path = cache_p / "noise" / f"{preset}-{algo}-n{batch}-{recipe}-seed{seed}-{profile}-" \
-                               f"{_run_key(lr, extra, RULE.tol, RULE.evals)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     S = CONV_SETTINGS[profile]
-    ref = build_reference(preset, profile, cache_p)
     overrides = {"batch": batch, "lr": lr, "iterations": S.max_iters[batch], "eval_batch": 16,
                  "checkpoint_every": 10**6, "progress": False,
                  "value_minibatch": FIELD_PARAMS["minibatch"].default} | recipe_overrides(recipe, preset, batch) \
         | json.loads(extra)
     cfg = make_config(preset, algo, profile, seed, overrides)
+    # keyed by the resolved configuration: a changed default never reuses a stale run
+    path = cache_p / "noise" / f"{preset}-{algo}-n{batch}-{recipe}-seed{seed}-{profile}-" \
+                               f"{config_key(cfg.to_dict(), RULE.tol, RULE.evals, S.n_eval)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    ref = build_reference(preset, profile, cache_p)
     out = Path(tempfile.mkdtemp(prefix="sacode-noise-"))
     tr = make_trainer(cfg, out)
     pr = tr.task.preset

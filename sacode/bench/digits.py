@@ -19,7 +19,6 @@ Runs are cached in ``runs/bench-cache`` (so re-running with more seeds only trai
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from ..envs.digits.data import decode_images, encode_images  # noqa: F401  (deco
 from ..runs import make_config, make_trainer
 from ..theory.control import rollout
 from ..theory.estimate import mean_se
+from .pool import config_key
 from .toys import ALGOS
 
 PRESET = "digits-class3"
@@ -45,17 +45,16 @@ DIGITS_CURVE_KEYS = ("iteration", "samples_used", "wall_s", "reward", "kl_path",
               "pairwise_distance", "class_entropy", "target_fraction", "fd_target_class")
 
 
-def _key(preset: str, algo: str, seed: int, profile: str, overrides: dict) -> str:
-    h = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{preset}-{algo}-seed{seed}-{profile}-{h}"
+def _key(preset: str, algo: str, seed: int, profile: str, cfg) -> str:
+    return f"{preset}-{algo}-seed{seed}-{profile}-{config_key(cfg.to_dict())}"
 
 
 def trained(preset: str, algo: str, seed: int, profile: str, cache: Path, overrides: dict | None = None) -> dict:
     """Train one run (or read it from the cache): its summary, its per-iteration curve and its directory."""
     overrides = dict(overrides or {}) | {"progress": False}
-    out = Path(cache) / _key(preset, algo, seed, profile, overrides)
+    cfg = make_config(preset, algo, profile, seed, overrides)
+    out = Path(cache) / _key(preset, algo, seed, profile, cfg)
     if not ((out / "summary.json").exists() and (out / "checkpoint.pt").exists()):
-        cfg = make_config(preset, algo, profile, seed, overrides)
         tr = make_trainer(cfg, out)
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()         # an interrupted run starts over

@@ -21,7 +21,6 @@ except the uniform K = 20 one. The exact regrets of the ideal limits (the contin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -38,7 +37,8 @@ from ..theory import policy_eval
 from ..theory.affine_policy import AffineScoreFamily
 from ..theory.discrete_optimum import discrete_optimum
 from ..theory.presets import toy_preset
-from .pool import run_jobs
+from .pool import config_key, run_jobs
+from ..runs import make_config
 from .toys import trained_run, tuned_lr
 
 EVAL_KS = (5, 10, 20, 50, 100, 200)
@@ -113,8 +113,9 @@ def grid_job(preset: str, algo: str, variant: str, seed: int, lr: float, profile
     """Train (cached) one variant and measure its regrets on every evaluation grid (cached as JSON)."""
     cache_p = Path(cache)
     overrides = VARIANTS[variant] | {"lr": lr} | json.loads(extra)
+    cfg = make_config(preset, algo, profile, seed, dict(overrides) | {"progress": False})
     path = cache_p / "grid-runs" / f"{preset}-{algo}-{variant.replace(' ', '_')}-seed{seed}-{profile}-" \
-                                   f"{hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]}.json"
+                                   f"{config_key(cfg.to_dict())}.json"
     if path.exists():
         return json.loads(path.read_text())
     tr, _ = trained_run(preset, algo, seed, profile, cache_p, overrides, eval_every=10**9)

@@ -6,9 +6,11 @@ one torch thread each); ``workers = 1`` runs everything in this process.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 
 def _init_worker() -> None:
@@ -25,3 +27,9 @@ def run_jobs(fn: Callable, jobs: Iterable[tuple], workers: int = 1) -> list:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as ex:
         return list(ex.map(fn, *zip(*jobs)))
+
+
+def config_key(*parts: Any, length: int = 10) -> str:
+    """A short hash of a run's resolved configuration (``TrainConfig.to_dict()``) and any other inputs: the cache
+    key of every benchmark run, so that a changed default (or code-level setting) never reuses a stale result."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from ..engine.evaluation import EVAL_SEED, evaluate
 from ..engine.trainer import Trainer, evaluation_grid
 from ..runs import make_config, make_trainer
 from ..theory import optimal
-from ..theory.exploratory_optimum import exploratory_optimum
 from ..theory.presets import toy_preset
+from .pool import config_key
 
 ALGOS = ["ctpo", "ctpo-pathwise", "dpok", "ddpo", "backprop"]
 LRS = [3e-4, 1e-3, 3e-3, 1e-2]
@@ -67,8 +66,9 @@ def _record(env, policy, grid: TimeGrid, transition: Transition, n: int, target_
     return evaluate(env, policy, grid, transition, n, beta, seed).record(target_mean)
 
 
-def _key(preset: str, algo: str, seed: int, profile: str, overrides: dict) -> str:
-    h = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+def _key(preset: str, algo: str, seed: int, profile: str, cfg) -> str:
+    """Cache key of a run: its name and a hash of its resolved configuration (a changed default is a new run)."""
+    h = config_key(cfg.to_dict())
     return f"{preset}-{algo}-seed{seed}-{profile}-{h}"
 
 
@@ -77,7 +77,7 @@ def trained_run(preset: str, algo: str, seed: int, profile: str, cache: Path, ov
     """Train (or load from the cache) one run, evaluating the terminal law every ``eval_every`` iterations."""
     overrides = dict(overrides or {}) | {"progress": False}
     cfg = make_config(preset, algo, profile, seed, overrides)
-    out = cache / _key(preset, algo, seed, profile, overrides)
+    out = cache / _key(preset, algo, seed, profile, cfg)
     tr = make_trainer(cfg, out)
     curve_path = out / "curve.json"
     if curve_path.exists() and (out / "summary.json").exists():
