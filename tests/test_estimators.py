@@ -242,12 +242,24 @@ def test_lambda_returns_and_replay():
     assert len(fresh.memory) == 3
 
 
-def test_value_learning_defaults_keep_the_original_learner():
-    from sacode.engine.value import StructuredValue, ValueLearner
+def test_value_learning_defaults_paper_engine_improved_toys():
+    """The engine's default is the paper's learner (digits and SD keep it); the toys use the improved one."""
+    from sacode.engine.config import TrainConfig
+    from sacode.engine.value import (IMPROVED_VALUE_LEARNING, PAPER_VALUE_LEARNING, StructuredValue,
+                                     ValueLearner)
     from sacode.runs import make_config
 
+    keys = tuple(PAPER_VALUE_LEARNING)
+    assert set(keys) == set(IMPROVED_VALUE_LEARNING)
+    base = TrainConfig()
+    assert {k: getattr(base, k) for k in keys} == PAPER_VALUE_LEARNING
+    digits = make_config("digits-class3", "ctpo", "ci")
+    assert {k: getattr(digits, k) for k in keys} == PAPER_VALUE_LEARNING
     cfg = make_config("gauss1d-linear", "ctpo", "ci")
-    assert (cfg.value_skip, cfg.value_zero_init, cfg.value_replay, cfg.value_lambda) == ("cos", False, 1, 1.0)
+    assert {k: getattr(cfg, k) for k in keys} == IMPROVED_VALUE_LEARNING
     learner = ValueLearner.from_config(ToyEnv(toy_preset("gauss1d-linear")), cfg)
-    assert isinstance(learner.value, StructuredValue) and learner.value.skip_kind == "cos"
-    assert learner.replay == 1 and learner.lam == 1.0 and "value_memory" not in learner.state_dict()
+    assert isinstance(learner.value, StructuredValue) and learner.value.skip_kind == "one"
+    assert learner.replay == 4 and learner.lam == 0.5
+    paper = ValueLearner.from_config(ToyEnv(toy_preset("gauss1d-linear")), cfg.replace(**PAPER_VALUE_LEARNING))
+    assert paper.value.skip_kind == "cos" and paper.replay == 1 and paper.lam == 1.0
+    assert "value_memory" not in paper.state_dict()
