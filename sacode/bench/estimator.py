@@ -1,27 +1,8 @@
 """``python -m sacode bench estimator``: the policy-gradient estimators side by side at fixed policies (chapter 7).
 
-At fixed affine policies theta = f theta* (f in FRACS; theta* the optimal control of chapter 5 at the knots) on the
-Gaussian presets ``gauss{d}d-{linear,quadratic}`` (d in DIMS) and uniform Euler-Maruyama grids of K steps (K in KS),
-each estimator's per-trajectory gradient (:mod:`sacode.theory.estimators`) is sampled on the same n trajectories and
-compared with the exact grad J_K:
-
-* ``rel_var``  E||g_i - E g||^2 / ||grad J_K||^2 for one trajectory's estimate g_i (with its standard error), next to
-  the closed form ``rel_var_exact`` (:func:`~sacode.theory.estimators.estimator_moments`) and ``z`` = their
-  difference in standard errors;
-* ``cos``      the cosine of the n-trajectory mean with grad J_K (``cos_exact``: of the exact mean; ``cos_b32`` and
-  ``cos_b256``: the average cosine of the mean of batches of 32 and 256 trajectories);
-* ``bias``     ||mean - grad J_K|| / ||grad J_K||.
-
-``value`` says which value ctpo / ctpo-pathwise use: ``exact-K`` (the policy's K-step value), ``exact-continuous``
-(the continuous-time V^theta on the grid), ``fitted`` (the engine's value network fitted at theta on
-FIT_BATCHES x FIT_N extra trajectories with the paper's learner, ``PAPER_VALUE_LEARNING``; ``fitted-improved`` with
-``IMPROVED_VALUE_LEARNING``) or ``training`` / ``training-improved`` (the network as it stands inside an engine ctpo
-run of the affine policy, with the paper's value learner or with the improved one, one run per seed; theta_frac "pre" is the first iteration, "iter4" the policy after 4
-updates). dpok uses its exact reward critic (value "exact-K"); ddpo and backprop
-use none. ``ratio_ddpo_over_ctpo[value][d][K][theta_frac]`` is rel_var(ddpo) / rel_var(ctpo) measured on the same
-trajectories. ``value_learning`` follows the training runs for CURVE_ITERS iterations: the relative error of grad_x V
-against the exact K-step grad V of the current policy, the cosine of ctpo's mean gradient and the variance ratio. ``digits`` repeats the comparison
-on the 8x8 digits (d = 64) with the engine's MLP policy, against a backprop reference.
+The estimators are those of :mod:`sacode.theory.estimators` (closed-form moments:
+:func:`~sacode.theory.estimators.estimator_moments`). What is measured, and the fields of the result, are described
+in ``_DEFINITIONS``, which the result carries as ``definitions``: plain text, since a chapter may print it.
 """
 from __future__ import annotations
 
@@ -56,6 +37,36 @@ FIT_BATCHES, FIT_N = 12, 1024
 ESTIMATORS = (("ddpo", "none"), ("ctpo", "exact-K"), ("ctpo", "exact-continuous"), ("ctpo-pathwise", "exact-K"),
               ("ctpo-pathwise", "exact-continuous"), ("dpok", "exact-K"), ("backprop", "none"))
 DIGITS_PRESET, DIGITS_N, DIGITS_N_REF = "digits-class3", 256, 128
+
+# the result's "definitions": plain text (no Sphinx markup), since a chapter may print it
+_DEFINITIONS = """\
+python -m sacode bench estimator: the policy-gradient estimators side by side at fixed policies
+(chapter 7).
+
+At fixed affine policies theta = f theta* (f in FRACS; theta* the optimal control of chapter 5 at the knots) on the
+Gaussian presets gauss{d}d-{linear,quadratic} (d in DIMS) and uniform Euler-Maruyama grids of K steps (K in KS),
+each estimator's per-trajectory gradient (sacode.theory.estimators) is sampled on the same n trajectories and
+compared with the exact grad J_K:
+
+* rel_var  E||g_i - E g||^2 / ||grad J_K||^2 for one trajectory's estimate g_i (with its standard error), next to
+  the closed form rel_var_exact (sacode.theory.estimators.estimator_moments) and z = their difference in standard
+  errors;
+* cos      the cosine of the n-trajectory mean with grad J_K (cos_exact: of the exact mean; cos_b32 and cos_b256:
+  the average cosine of the mean of batches of 32 and 256 trajectories);
+* bias     ||mean - grad J_K|| / ||grad J_K||.
+
+value says which value ctpo / ctpo-pathwise use: "exact-K" (the policy's K-step value), "exact-continuous" (the
+continuous-time V^theta on the grid), "fitted" (the engine's value network fitted at theta on FIT_BATCHES x FIT_N
+extra trajectories with the paper's learner, PAPER_VALUE_LEARNING; "fitted-improved" with IMPROVED_VALUE_LEARNING)
+or "training" / "training-improved" (the network as it stands inside an engine ctpo run of the affine policy, with
+the paper's value learner or with the improved one, one run per seed; theta_frac "pre" is the first iteration,
+"iter4" the policy after 4 updates). dpok uses its exact reward critic (value "exact-K"); ddpo and backprop use
+none. ratio_ddpo_over_ctpo[value][d][K][theta_frac] is rel_var(ddpo) / rel_var(ctpo) measured on the same
+trajectories. value_learning follows the training runs for CURVE_ITERS iterations: the relative error of grad_x V
+against the exact K-step grad V of the current policy, the cosine of ctpo's mean gradient and the variance ratio.
+digits repeats the comparison on the 8x8 digits (d = 64) with the engine's MLP policy, against a backprop
+reference.
+"""
 
 
 def _sizes(profile: str) -> dict:
@@ -448,4 +459,4 @@ def estimator_benchmark(profile: str, seeds: int = 1, presets=None, algos=None, 
         _plot(rows, curves, out / "bench-estimator.png")
     return {"profile": profile, "rows": rows, "ratio_ddpo_over_ctpo": _ratios(rows), "value_learning": curves,
             "digits": digits, "targets": targets, "improved_value_learner": IMPROVED_VALUE_LEARNING, "timing": timing,
-            "definitions": __doc__, "table": _table(rows, targets, digits)}
+            "definitions": _DEFINITIONS, "table": _table(rows, targets, digits)}
