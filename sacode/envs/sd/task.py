@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -234,6 +235,20 @@ def resolve_model(option: str, tiny: bool = False) -> str:
     return os.environ.get(MODEL_ENV) or SD15_HUB_ID
 
 
+@contextmanager
+def _transformers_errors_only():
+    """transformers' logger at error level: loading a pipeline's image processor without torchvision (not a
+    dependency; the processor is not used) logs a fallback notice on every load."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"):
     """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), the
@@ -251,7 +266,8 @@ def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.d
     if local.exists() and not (local / "model_index.json").exists():
         raise FileNotFoundError(f"{local} exists but is not a diffusers pipeline folder (no model_index.json)")
     try:
-        with warnings.catch_warnings():       # newer diffusers renamed torch_dtype to dtype; older ones need torch_dtype
+        with warnings.catch_warnings(), _transformers_errors_only():
+            # newer diffusers renamed torch_dtype to dtype; older ones need torch_dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model,
                                                            torch_dtype=torch_dtype, local_files_only=not allow_download,
