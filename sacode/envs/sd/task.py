@@ -237,8 +237,9 @@ def resolve_model(option: str, tiny: bool = False) -> str:
 
 @contextmanager
 def _transformers_errors_only():
-    """transformers' logger at error level: loading a pipeline's image processor without torchvision (not a
-    dependency; the processor is not used) logs a fallback notice on every load."""
+    """transformers' logger at error level: importing diffusers' pipelines (and loading one) resolves
+    transformers' image processors, which without torchvision (not a dependency; the processors are not used) log a
+    fallback notice."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -254,7 +255,8 @@ def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.d
     """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), the
     tiny random pipeline for ``model="tiny"`` (built locally, sacode/envs/sd/tiny.py), or SD v1.5's architecture with
     random weights for ``model="sd15-random"`` (cost measurement only, sacode/envs/sd/sd15.py). No safety checker."""
-    from diffusers import StableDiffusionPipeline
+    with _transformers_errors_only():   # importing diffusers' pipelines resolves transformers' image processors
+        from diffusers import StableDiffusionPipeline
 
     if model == "sd15-random":              # SD v1.5's architecture, random weights: cost only (sd15.py)
         from .sd15 import build_sd15_random
