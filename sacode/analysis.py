@@ -5,6 +5,9 @@
   (:class:`~sacode.engine.evaluation.Evaluation`).
 * :func:`load_bench` — the result of ``python -m sacode bench NAME`` (``figures/bench-NAME.json``) if it exists.
 * :func:`value_input_grad` — grad_x V(t, x) of a value network by autograd (chapter 9).
+* :func:`discretization_bench_table` — the text table of ``figures/bench-discretization.json`` (chapter 10), lines of
+  at most 88 columns, built from the JSON's structured fields.
+* :func:`fit_to_column` — a stored text table made to fit the book's 88-column code column.
 * :func:`digits_bench_table` — the text table of ``figures/bench-digits.json`` (chapter 11), lines of at most 88
   columns, built from the JSON's structured fields.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import re
 import tempfile
 import textwrap
 from dataclasses import dataclass
@@ -26,7 +30,8 @@ from .engine.evaluation import Evaluation, evaluate_run
 from .engine.rundir import read_metrics
 
 __all__ = ["TrainedRun", "run_training", "load_metrics", "repo_root", "bench_path", "load_bench", "value_input_grad",
-           "moving_average", "digits_bench_table"]
+           "moving_average", "digits_bench_table", "fit_to_column",
+           "discretization_bench_table"]
 
 
 def repo_root() -> Path:
@@ -171,3 +176,74 @@ def digits_bench_table(res: dict) -> str:
                              and g["K"] == k]) for k in ks]
             lines.append(f"  {a:<12}{method:<8}" + "".join(f"{v:>9.2f}" for v in vals))
     return "\n".join(lines)
+
+
+def discretization_bench_table(res: dict) -> str:
+    """The text table of a ``python -m sacode bench discretization`` result (chapter 10): the regret on each
+    evaluation grid (one block per grid kind and preset), the off-grid regrets and their ratios to fixed-grid
+    training; every line at most 88 columns (the book's code column)."""
+    short = {"uniform": "u", "power": "p"}
+    fine = f"K >= {res['fine_K']}"
+    pol_w = 2 + max(len(f"{r['algo']}, {r['variant']}") for r in res["rows"])
+    pol_w = max([pol_w] + [2 + len("exact: " + lab) for ex in res["exact"].values() for lab in ex])
+    lines = [textwrap.fill(
+        "regret J*_grid - J_grid (median over seeds; u = uniform, p = power grid); off-grid = mean over all grids "
+        "but u20, median [IQR] over seeds", 88)]
+
+    def policies(p):
+        for r in (r for r in res["rows"] if r["preset"] == p):
+            yield f"{r['algo']}, {r['variant']}", r["regret"], r["off_grid"], r["off_grid_fine"]["median"]
+        for lab, e in res["exact"].get(p, {}).items():
+            yield "exact: " + lab, e["regret"], {"median": e["off_grid"]}, e["off_grid_fine"]
+
+    presets = list(dict.fromkeys(r["preset"] for r in res["rows"]))
+    for kind in res["grid_kinds"]:
+        cols = [f"{kind}-K{K}" for K in res["eval_ks"]]
+        for p in presets:
+            lines.append(f"{p}, {kind} grids:")
+            lines.append(f"  {'policy':<{pol_w - 2}}" + "".join(f"{short.get(kind, kind) + str(K):>7}"
+                                                             for K in res["eval_ks"]))
+            for lab, regret, _, _ in policies(p):
+                lines.append(f"  {lab:<{pol_w - 2}}" + "".join(f"{regret[c]:>7.3f}" for c in cols))
+    for p in presets:
+        lines.append(f"{p}, off-grid regret:")
+        lines.append(f"  {'policy':<{pol_w - 2}}{'all grids':>26}{fine:>10}")
+        for lab, _, og, og_fine in policies(p):
+            cell = f"{og['median']:.4f}" + (f" [{og['q25']:.4f}, {og['q75']:.4f}]" if "q25" in og else " " * 17)
+            lines.append(f"  {lab:<{pol_w - 2}}{cell:>26}{og_fine:>10.4f}")
+    for key, lab in (("ratio_over_fixed_off_grid", "all grids"), ("ratio_over_fixed_off_grid_fine", fine)):
+        for p, by in res[key].items():
+            lines.append(textwrap.fill(
+                f"{p}: off-grid regret / fixed K=20's ({lab}): " + "; ".join(
+                    f"{a}: " + ", ".join(f"{v} {x:.2f}" for v, x in d.items()) for a, d in by.items()),
+                88, subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+_GAP = re.compile(r"(?<=\S) {4,}(?=\S)")
+
+
+def fit_to_column(text: str, width: int = 88) -> str:
+    """``text`` with every line at most ``width`` columns where it can be done without losing a character: a block of
+    aligned table rows (consecutive lines with inner runs of 3+ spaces) has every such run of 4+ spaces narrowed by
+    the same number of spaces, which keeps its columns aligned; any other long line is wrapped, its continuation
+    indented by 4 more spaces. For tables stored in benchmark results before their producers printed narrow ones."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and re.search(r"\S {3,}\S", lines[j]):
+            j += 1
+        block = lines[i:j] or [lines[i]]
+        if any(len(ln) > width for ln in block) and j > i:
+            gaps = [len(m.group()) for ln in block for m in _GAP.finditer(ln)]
+            for k in range(1, (min(gaps) - 2 if gaps else 1) + 1):
+                narrowed = [_GAP.sub(lambda m: m.group()[k:], ln) for ln in block]
+                if all(len(ln) <= width for ln in narrowed):
+                    block = narrowed
+                    break
+        for ln in block:
+            indent = " " * (len(ln) - len(ln.lstrip()) + 4)
+            out.append(ln if len(ln) <= width else textwrap.fill(ln, width, subsequent_indent=indent,
+                                                                  break_on_hyphens=False))
+        i = max(j, i + 1)
+    return "\n".join(out)
