@@ -236,18 +236,27 @@ def resolve_model(option: str, tiny: bool = False) -> str:
 
 
 @contextmanager
-def _transformers_errors_only():
+def _transformers_errors_only(quiet_loading: bool = False):
     """transformers' logger at error level: importing diffusers' pipelines (and loading one) resolves
     transformers' image processors, which without torchvision (not a dependency; the processors are not used) log a
-    fallback notice."""
+    fallback notice. With ``quiet_loading``, no loading progress bars either (diffusers' and transformers')."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if quiet_loading:
+        from diffusers.utils import logging as df_logging
+
+        df_bars = df_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        df_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if quiet_loading:
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            (df_logging.enable_progress_bar if df_bars else df_logging.disable_progress_bar)()
 
 
 def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.dtype = torch.float32,
@@ -268,7 +277,7 @@ def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.d
     if local.exists() and not (local / "model_index.json").exists():
         raise FileNotFoundError(f"{local} exists but is not a diffusers pipeline folder (no model_index.json)")
     try:
-        with warnings.catch_warnings(), _transformers_errors_only():
+        with warnings.catch_warnings(), _transformers_errors_only(quiet_loading=True):
             # newer diffusers renamed torch_dtype to dtype; older ones need torch_dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model,
