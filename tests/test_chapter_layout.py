@@ -237,12 +237,14 @@ def test_tables_built_from_benchmark_results_fit_the_column():
     built = {"bench-digits.json": digits_bench_table, "bench-discretization.json": discretization_bench_table,
              "sd-cost.json": lambda r: fit_to_column(r["table"]),
              "bench-sd-throughput.json": lambda r: fit_to_column(r["table"])}
+    # a result from an older version of its benchmark is not shown (the chapter asks for a re-run)
+    current = {"bench-discretization.json": lambda r: "fine_K" in r and "ratio_over_fixed_off_grid" in r}
     seen = 0
     for name, build in built.items():
         path = ROOT / "figures" / name
-        if path.exists():
+        if path.exists() and current.get(name, lambda r: True)(res := json.loads(path.read_text())):
             seen += 1
-            assert not wide_lines(build(json.loads(path.read_text()))), name
+            assert not wide_lines(build(res)), name
     assert seen >= 2
 
 
