@@ -8,6 +8,8 @@
 * no docstring and no Sphinx role is printed: no chapter reads ``__doc__`` (or help/getdoc), no string in a
   chapter's code carries a role like ``:func:`x```, and neither does a benchmark result in ``figures/`` that a
   chapter prints;
+* a table stored in a benchmark result in ``figures/`` that a chapter prints unchanged fits the 88-column code
+  column, and so do the tables that chapters build from benchmark results (``sacode.analysis``);
 * the book merges a cell's printed lines into one output box (``nb_merge_streams``), so a table printed line
   by line is one table.
 
@@ -190,6 +192,75 @@ def _strings(obj):
 def test_benchmark_results_shown_in_chapters_carry_no_sphinx_role(result):
     bad = [s[:80] for s in _strings(json.loads(result.read_text())) if SPHINX_ROLE.search(s)]
     assert not bad, f"{result.name} holds text with a Sphinx role (a docstring?), which a chapter prints: {bad}"
+
+
+OUTPUT_COLUMNS = 88
+_VERBATIM_TABLE = re.compile(r"print\(\s*\w+\[[\"']table[\"']\]\s*\)|\{\w+\[[\"']table[\"']\]\}")
+_RESULT_NAMES = (re.compile(r"load_bench\(\s*[\"']([\w-]+)[\"']"), re.compile(r"[\"']([\w.-]+\.json)[\"']"))
+
+
+def verbatim_tables(source: str) -> list[str]:
+    """File names in ``figures/`` of the benchmark results whose stored ``table`` a cell prints unchanged."""
+    if not _VERBATIM_TABLE.search(source):
+        return []
+    names = [f"bench-{n}.json" for n in _RESULT_NAMES[0].findall(source)]
+    return names + [Path(n).name for n in _RESULT_NAMES[1].findall(source)]
+
+
+def wide_lines(text: str, width: int = OUTPUT_COLUMNS) -> list[str]:
+    return [ln[:60] for ln in text.splitlines() if len(ln) > width]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=_ids(CHAPTERS))
+def test_stored_tables_a_chapter_prints_fit_the_column(chapter):
+    bad = {}
+    for _, src in _cells(chapter):
+        for name in verbatim_tables(src):
+            path = ROOT / "figures" / name
+            if path.exists() and "table" in (res := json.loads(path.read_text())):
+                bad.update({name: w for w in [wide_lines(res["table"])] if w})
+    assert not bad, f"{chapter.name} prints stored tables wider than {OUTPUT_COLUMNS} columns: {bad}"
+
+
+def test_the_stored_table_check_catches_a_wide_table_printed_unchanged():
+    cell = 'bench = load_bench("digits")\nprint(bench["table"])'
+    assert verbatim_tables(cell) == ["bench-digits.json"]
+    assert verbatim_tables('cost = json.loads(p.read_text())  # "sd-cost.json"\nprint(f"{cost[\'table\']}")') == [
+        "sd-cost.json"]
+    assert verbatim_tables('bench = load_bench("digits")\nprint(fit_to_column(bench["table"]))') == []
+    assert wide_lines("a" * OUTPUT_COLUMNS) == [] and wide_lines("a" * (OUTPUT_COLUMNS + 1))
+
+
+def test_tables_built_from_benchmark_results_fit_the_column():
+    from sacode.analysis import digits_bench_table, discretization_bench_table, fit_to_column
+
+    built = {"bench-digits.json": digits_bench_table, "bench-discretization.json": discretization_bench_table,
+             "sd-cost.json": lambda r: fit_to_column(r["table"]),
+             "bench-sd-throughput.json": lambda r: fit_to_column(r["table"])}
+    # a result from an older version of its benchmark is not shown (the chapter asks for a re-run)
+    current = {"bench-discretization.json": lambda r: "fine_K" in r and "ratio_over_fixed_off_grid" in r}
+    seen = 0
+    for name, build in built.items():
+        path = ROOT / "figures" / name
+        if path.exists() and current.get(name, lambda r: True)(res := json.loads(path.read_text())):
+            seen += 1
+            assert not wide_lines(build(res)), name
+    assert seen >= 2
+
+
+def test_fit_to_column_keeps_a_wide_table_aligned_and_every_character():
+    from sacode.analysis import fit_to_column
+
+    rows = [f"{'label':<30}" + "".join(f"{h:>16}" for h in ("a", "bb", "ccc", "dddd")),
+            f"{'row one':<30}" + "".join(f"{v:>16.1f}" for v in (1.0, 22.0, 333.0, 4444.0))]
+    prose = "word " * 30
+    text = "\n".join(rows + ["", prose.strip()])
+    assert wide_lines(text)                                   # planted: too wide before
+    fitted = fit_to_column(text)
+    assert not wide_lines(fitted)
+    assert fitted.split() == text.split()                     # nothing lost
+    head, row = fitted.splitlines()[:2]
+    assert len(head) == len(row) and head.index("dddd") + 4 == row.index("4444.0") + 6
 
 
 def test_the_book_merges_printed_lines_into_one_output():

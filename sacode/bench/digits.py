@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..analysis import digits_bench_table
 from ..dynamics.transition import Transition
 from ..engine.trainer import Trainer, evaluation_grid
 from ..envs.digits.data import decode_images, encode_images  # noqa: F401  (decode_images: for readers of the JSON)
@@ -227,54 +228,10 @@ def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out:
             tr0.task.pretrained_rollout(N_IMAGES, evaluation_grid(tr0.cfg, tr0.env), tr0.transition, DIGITS_EVAL_SEED).xs[-1])
     res["time_grids"] = grids
     res["images_format"] = "hex strings of 64 uint8 grey levels, x = v/127.5 - 1; decode with decode_images"
-    res["table"] = _table(res)
+    res["table"] = digits_bench_table(res)
     _plot(res, out / "bench-digits.png")
     _plot_samples(res, out / "digits-samples.png")
     return res
-
-
-def _fmt(m, sd, nd=2):
-    return f"{m:.{nd}f}±{sd:.{nd}f}" if math.isfinite(m) else "—"
-
-
-def _table(res: dict) -> str:
-    p = res["pretrained"]
-    lines = [f"digits-class3 (r = log p(3|x), beta = {res['algorithms'][0]['beta']:g}), "
-             f"{res['algorithms'][0]['samples_used']} trajectories per run, {res['seeds']} seeds, profile {res['profile']}",
-             f"pretrained: reward {p['reward']:.2f}, FD {p['sample_quality']:.1f}, FD to 3s {p.get('fd_target_class', float('nan')):.0f}, "
-             f"share of 3s {p.get('target_fraction', float('nan')):.2f}; bound J* = beta log E e^(r/beta) = {p['objective_opt_bound']:.2f}",
-             f"{'algo':<14}{'reward':>13}{'path KL':>12}{'J':>13}{'FD':>13}{'FD to 3s':>13}{'share 3s':>12}{'pair dist':>11}{'wall s':>8}"]
-    for r in res["algorithms"]:
-        lines.append(f"{r['algo']:<14}{_fmt(r['reward_final'], r['reward_final_sd']):>13}{_fmt(r['kl_path'], r['kl_path_sd']):>12}"
-                     f"{_fmt(r['objective'], r['objective_sd']):>13}{_fmt(r['sample_quality_final'], r['sample_quality_final_sd'], 0):>13}"
-                     f"{_fmt(r['fd_target_class_final'], r['fd_target_class_final_sd'], 0):>13}"
-                     f"{_fmt(r['target_fraction_final'], r['target_fraction_final_sd']):>12}"
-                     f"{r['pairwise_distance_final']:>11.2f}{r['wall_s']:>8.0f}")
-    s90 = res.get("samples_to_90") or {}
-    if s90:
-        lines.append(f"trajectories until the batch reward stays (for {s90['stay_iterations']} iterations) above "
-                     f"{s90['fraction']:.0%} of the improvement: median over seeds [per seed]")
-        fmt = lambda v: "—" if v is None else f"{v:.0f}"
-        for a, d in s90["algos"].items():
-            lines.append(f"  {a:<6} own final reward {fmt(d['reward_own_median']):>6} {d['reward_own']}   own final J "
-                         f"{fmt(d['objective_own_median']):>6} {d['objective_own']}   common reward target "
-                         f"{s90['common_reward_final']:.2f}: {fmt(d['reward_common_median']):>6} {d['reward_common']}")
-        if "ratio_ddpo_over_ctpo" in s90:
-            lines.append("  ddpo/ctpo: " + ", ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}"
-                                                      for k, v in s90["ratio_ddpo_over_ctpo"].items()))
-    lines.append("beta sweep (seed 0): algo beta -> reward, path KL, FD, FD to 3s")
-    for r in res["beta_sweep"]:
-        lines.append(f"  {r['algo']:<6} beta={r['beta']:<5g} reward {r['reward_final']:7.2f}  KL {r['kl_path']:6.2f}  "
-                     f"FD {r['sample_quality_final']:6.0f}  FD-3s {r['fd_target_class_final']:6.0f}")
-    lines.append(f"time grids (trained on K = {res.get('train_K')} ddim): J = E r - beta KL, mean over seeds")
-    ks = res["eval_ks"]
-    lines.append(f"  {'algo':<12}{'sampler':<6}" + "".join(f"{'K=' + str(k):>9}" for k in ks))
-    for a in dict.fromkeys(g["algo"] for g in res["time_grids"]):
-        for method in ("ddim", "em"):
-            vals = [np.mean([g["J"] for g in res["time_grids"] if g["algo"] == a and g["method"] == method and g["K"] == k])
-                    for k in ks]
-            lines.append(f"  {a:<12}{method:<6}" + "".join(f"{v:>9.2f}" for v in vals))
-    return "\n".join(lines)
 
 
 def _plot(res: dict, path: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..analysis import discretization_bench_table
 from ..dynamics.grid import TimeGrid
 from ..dynamics.transition import Transition
 from ..engine.evaluation import EVAL_SEED, evaluate
@@ -194,34 +195,9 @@ def discretization(profile: str, seeds: int, presets, algos, cache: Path, out: P
            "ratio_over_fixed_off_grid_fine": ratio_fine, "fine_K": FINE_K,
            "target": {"rule": "random-grid training's off-grid regret <= 1/3 of fixed-grid training's", "met": target},
            "per_run": recs}
-    res["table"] = _table(res)
+    res["table"] = discretization_bench_table(res)
     _plot(res, out / "bench-discretization.png")
     return res
-
-
-def _table(res: dict) -> str:
-    cols = [f"{k}-K{K}" for k in res["grid_kinds"] for K in res["eval_ks"]]
-    short = lambda c: c.replace("uniform-K", "u").replace("power-K", "p")
-    lines = ["regret J*_grid - J_grid (median over seeds; u = uniform, p = power grid); off-grid = mean over all "
-             "grids but u20, median [IQR] over seeds",
-             f"{'preset':<19}{'policy':<34}" + "".join(f"{short(c):>7}" for c in cols) + f"{'off-grid':>26}"
-             + f"{'K >= ' + str(res['fine_K']):>10}"]
-    for r in res["rows"]:
-        og = r["off_grid"]
-        lines.append(f"{r['preset']:<19}{r['algo'] + ', ' + r['variant']:<34}"
-                     + "".join(f"{r['regret'][c]:>7.3f}" for c in cols)
-                     + f"{og['median']:>10.4f} [{og['q25']:.4f}, {og['q75']:.4f}]"
-                     + f"{r['off_grid_fine']['median']:>10.4f}")
-    for p, ex in res["exact"].items():
-        for lab, e in ex.items():
-            lines.append(f"{p:<19}{'exact: ' + lab:<34}" + "".join(f"{e['regret'][c]:>7.3f}" for c in cols)
-                         + f"{e['off_grid']:>10.4f}{'':>16}{e['off_grid_fine']:>10.4f}")
-    for key, lab in (("ratio_over_fixed_off_grid", "all grids"), ("ratio_over_fixed_off_grid_fine",
-                                                                   f"K >= {res['fine_K']}")):
-        for p, by in res[key].items():
-            lines.append(f"{p}: off-grid regret / fixed K=20's ({lab}): " + "; ".join(
-                f"{a}: " + ", ".join(f"{v} {x:.2f}" for v, x in d.items()) for a, d in by.items()))
-    return "\n".join(lines)
 
 
 def _plot(res: dict, path: Path) -> None:

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..analysis import fit_to_column
 from .gpus import peak_bf16_tflops
 from .memory import GiB, CudaAutocastEmulation, LiveTensorBytes, checkpointing_under
 
@@ -542,9 +543,9 @@ def cost_table(r: dict) -> str:
              f"  value net V_phi fwd / fwd+bwd  {f['value_forward'] / 1e9:8.3f} / {f['value_train'] / 1e9:.3f} "
              f"GFLOP per state",
              "",
-             "TFLOP per image by phase      " + "".join(f"{k:>16}" for k in ("ddpo-ref", "ddpo", "ctpo", "ctpo+ckpt"))]
+             "TFLOP per image by phase         " + "".join(f"{k:>12}" for k in ("ddpo-ref", "ddpo", "ctpo", "ctpo+ckpt"))]
     for ph in PHASES + ("total",):
-        lines.append(f"  {ph:<28}" + "".join(f"{pi[k][ph] / 1e12:16.1f}"
+        lines.append(f"  {ph:<31}" + "".join(f"{pi[k][ph] / 1e12:12.1f}"
                                             for k in ("ddpo-reference", "ddpo", "ctpo", "ctpo+ckpt")))
     c = r["calls_per_image"]
     lines += [f"  (rows per image: ctpo policy {c['ctpo'].get('unet_policy', 0):g}, pretrained "
@@ -587,7 +588,7 @@ def cost_table(r: dict) -> str:
             h = tm["hours"]
             lines.append(f"    4x{gpu}: ctpo {h[f'{src}|{gpu}|ctpo']:.1f} h ({h[f'{src}|{gpu}|ctpo+ckpt']:.1f} with "
                          f"checkpointing), ddpo {h[f'{src}|{gpu}|ddpo']:.1f} h")
-    return "\n".join(lines)
+    return fit_to_column("\n".join(lines))
 
 
 def plot(r: dict, path: Path) -> None:

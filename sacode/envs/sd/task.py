@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -234,12 +235,37 @@ def resolve_model(option: str, tiny: bool = False) -> str:
     return os.environ.get(MODEL_ENV) or SD15_HUB_ID
 
 
+@contextmanager
+def _transformers_errors_only(quiet_loading: bool = False):
+    """transformers' logger at error level: importing diffusers' pipelines (and loading one) resolves
+    transformers' image processors, which without torchvision (not a dependency; the processors are not used) log a
+    fallback notice. With ``quiet_loading``, no loading progress bars either (diffusers' and transformers')."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if quiet_loading:
+        from diffusers.utils import logging as df_logging
+
+        df_bars = df_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        df_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if quiet_loading:
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            (df_logging.enable_progress_bar if df_bars else df_logging.disable_progress_bar)()
+
+
 def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"):
     """A ``StableDiffusionPipeline`` from a folder or a hub id (``local_files_only`` unless allow_download), the
     tiny random pipeline for ``model="tiny"`` (built locally, sacode/envs/sd/tiny.py), or SD v1.5's architecture with
     random weights for ``model="sd15-random"`` (cost measurement only, sacode/envs/sd/sd15.py). No safety checker."""
-    from diffusers import StableDiffusionPipeline
+    with _transformers_errors_only():   # importing diffusers' pipelines resolves transformers' image processors
+        from diffusers import StableDiffusionPipeline
 
     if model == "sd15-random":              # SD v1.5's architecture, random weights: cost only (sd15.py)
         from .sd15 import build_sd15_random
@@ -251,7 +277,8 @@ def load_pipeline(model: str, allow_download: bool = False, torch_dtype: torch.d
     if local.exists() and not (local / "model_index.json").exists():
         raise FileNotFoundError(f"{local} exists but is not a diffusers pipeline folder (no model_index.json)")
     try:
-        with warnings.catch_warnings():       # newer diffusers renamed torch_dtype to dtype; older ones need torch_dtype
+        with warnings.catch_warnings(), _transformers_errors_only(quiet_loading=True):
+            # newer diffusers renamed torch_dtype to dtype; older ones need torch_dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else model,
                                                            torch_dtype=torch_dtype, local_files_only=not allow_download,
