@@ -120,10 +120,14 @@ def figure_problems(source: str) -> list[str]:
     return problems
 
 
+def chapter_problems(chapter, check) -> list[str]:
+    """``check`` (a function of one code cell's source) over every code cell of a chapter, with locations."""
+    return [f"{chapter.name} cell at line {start}, {p}" for start, src in _cells(chapter) for p in check(src)]
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=_ids(CHAPTERS))
 def test_figures_fit_the_column_with_readable_fonts(chapter):
-    problems = [f"{chapter.name} cell at line {start}, {p}" for start, src in _cells(chapter)
-                for p in figure_problems(src)]
+    problems = chapter_problems(chapter, figure_problems)
     assert not problems, "\n".join(problems)
 
 
@@ -167,8 +171,7 @@ def docstring_problems(source: str) -> list[str]:
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=_ids(CHAPTERS))
 def test_no_docstring_or_sphinx_role_is_printed(chapter):
-    problems = [f"{chapter.name} cell at line {start}, {p}" for start, src in _cells(chapter)
-                for p in docstring_problems(src)]
+    problems = chapter_problems(chapter, docstring_problems)
     assert not problems, "\n".join(problems)
 
 
