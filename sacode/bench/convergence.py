@@ -439,9 +439,9 @@ def _plot(res: dict, recipes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plotting import color, setup
+    from ..plotting import COLUMN_INCHES, color, setup
     setup()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(3, 1, figsize=(COLUMN_INCHES, 11.5), layout="constrained")
     markers = dict(zip(res["presets"], "osd^v"))
     styles = {"sacode": "-", "official": ":"}
     b_last = str(res["budgets"][-1])
@@ -480,10 +480,9 @@ def _plot(res: dict, recipes: list[str], path: Path) -> None:
     for ax in axes:
         ax.set_xlim(min(res["batches"]) / 1.3, max(res["batches"]) * 1.3)
         ax.set_xticks(res["batches"], [str(b) for b in res["batches"]])
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle("Noise-limited training on the toys: one optimiser step per batch, learning rate tuned per batch")
-    fig.tight_layout()
+    axes[0].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Noise-limited training on the toys:\none optimiser step per batch, learning rate tuned per batch")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -237,10 +237,10 @@ def digits_benchmark(profile: str, seeds: int, presets, algos, cache: Path, out:
 def _plot(res: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from ..plotting import color, setup
+    from ..plotting import COLUMN_INCHES, color, setup
     setup()
-    fig = Figure(figsize=(13, 3.6))
-    ax = fig.subplots(1, 3)
+    fig = Figure(figsize=(COLUMN_INCHES, 10.5), layout="constrained")
+    ax = fig.subplots(3, 1)
     for r in res["algorithms"]:
         c = r["curves"]
         x = [p["samples_used"] for p in c[0]]
@@ -249,16 +249,15 @@ def _plot(res: dict, path: Path) -> None:
         ax[1].plot(x, np.mean([[p["kl_path"] for p in cv] for cv in c], axis=0), color=color(r["algo"]))
     ax[0].set(xlabel="trajectories sampled", ylabel="reward log p(3|x) (batch mean)", title="reward")
     ax[1].set(xlabel="trajectories sampled", ylabel="path KL (nats)", title="KL to the pretrained sampler")
-    ax[0].legend(fontsize=7)
+    ax[0].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     for a in dict.fromkeys(r["algo"] for r in res["beta_sweep"]):
         pts = sorted([r for r in res["beta_sweep"] if r["algo"] == a], key=lambda r: r["kl_path"])
         ax[2].plot([p["kl_path"] for p in pts], [p["reward_final"] for p in pts], "o-", color=color(a), label=a)
         for p in pts:
-            ax[2].annotate(f"β={p['beta']:g}", (p["kl_path"], p["reward_final"]), fontsize=6)
+            ax[2].annotate(f"β={p['beta']:g}", (p["kl_path"], p["reward_final"]), fontsize=9)
     ax[2].set_xscale("log")
     ax[2].set(xlabel="path KL (nats, log scale)", ylabel="reward", title="reward–KL trade-off")
-    ax[2].legend(fontsize=7)
-    fig.tight_layout()
+    ax[2].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
@@ -268,14 +267,19 @@ def _plot_samples(res: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     from ..envs.digits.plots import show_grid
+    from ..plotting import COLUMN_INCHES
     panels = [("pretrained", res["pretrained_images"])] if res.get("pretrained_images") else []
     panels += [(f"{r['algo']} (β = {r['beta']:g})", r["images"]) for r in res["algorithms"]]
     panels += [(f"{r['algo']} (β = 0)", r["images"]) for r in res["beta_sweep"] if r["beta"] == 0]
-    fig = Figure(figsize=(2.3 * len(panels), 2.8))
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    ncol = min(4, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig = Figure(figsize=(COLUMN_INCHES, 2.3 * nrow + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrow, ncol)).ravel()
     for ax, (title, codes) in zip(axes, panels):
         show_grid(ax, decode_images(codes)[:16], nrow=4, title=title)
-    fig.suptitle(f"{res['preset']}: samples after fine-tuning ({res['profile']} profile, seed 0, same noise)", fontsize=10)
-    fig.tight_layout()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{res['preset']}: samples after fine-tuning\n({res['profile']} profile, seed 0, same noise)",
+                 fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -364,9 +364,9 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plotting import color, setup
+    from ..plotting import COLUMN_INCHES, color, setup
     setup()
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    fig, axes = plt.subplots(3, 1, figsize=(COLUMN_INCHES, 11.5), layout="constrained")
     marks = {1: "o", 8: "s", 32: "^"}
     ax = axes[0]
     for d in sorted({r["d"] for r in rows if isinstance(r["theta_frac"], float)}):
@@ -388,7 +388,7 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
     ax.set_xticks(Ks, [str(k) for k in Ks])
     ax.minorticks_off()
     ax.set(xlabel="steps K", ylabel="rel. variance ddpo / ctpo", title="exact value, theta_pre (linear)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax = axes[1]
     for d in sorted({r["d"] for r in rows if isinstance(r["theta_frac"], float)}):
         pts = []
@@ -403,7 +403,7 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
             ax.semilogy(*zip(*pts), "-", marker=marks.get(d, "o"), color=color("ctpo"), label=f"d = {d}")
     ax.axhline(1, color="k", ls=":", lw=1)
     ax.set(xlabel="theta / theta*", ylabel="rel. variance ddpo / ctpo", title="exact-K value, K = 20 (linear)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax = axes[2]
     groups: dict = {}
     for key, cv in curves.items():
@@ -418,9 +418,8 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
                 color=color("ddpo" if label == "training" else "ctpo"), label=f"{name}, {label}")
     ax.set(xlabel="trajectories sampled", ylabel="relative error of grad_x V (mean over seeds)",
            title="value learning during ctpo")
-    ax.legend(fontsize=7)
-    fig.suptitle("bench estimator: likelihood-ratio (ddpo) vs advantage-rate (ctpo) gradients")
-    fig.tight_layout()
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("bench estimator: likelihood-ratio (ddpo)\nvs advantage-rate (ctpo) gradients")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

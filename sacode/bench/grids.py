@@ -205,11 +205,12 @@ def _plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plotting import color, setup
+    from ..plotting import COLUMN_INCHES, color, setup
     setup()
     presets = res["presets"][:2]
-    fig, axes = plt.subplots(1, len(presets) + 1, figsize=(4.3 * (len(presets) + 1), 3.8), squeeze=False)
-    axes = axes[0]
+    fig, axes = plt.subplots(len(presets) + 1, 1, figsize=(COLUMN_INCHES, 4.0 * (len(presets) + 1)), squeeze=False,
+                             layout="constrained")
+    axes = axes[:, 0]
     styles = dict(zip(res["variants"], [("-", "o"), ("--", "s"), (":", "^"), ("-.", "v")]))
     for ax, p in zip(axes, presets):
         for r in (r for r in res["rows"] if r["preset"] == p):
@@ -222,8 +223,7 @@ def _plot(res: dict, path: Path) -> None:
         ax.axvline(20, color="0.8", lw=3, zorder=0)
         ax.set(xscale="log", yscale="log", xlabel="evaluation steps K (uniform grid)",
                ylabel="regret J*_K − J_K", title=p)
-        ax.title.set_fontsize(9)
-    axes[0].legend(fontsize=6, ncol=1)
+    axes[0].legend(fontsize=9, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax = axes[-1]
     labels = list(res["variants"])
     x = np.arange(len(labels))
@@ -236,12 +236,10 @@ def _plot(res: dict, path: Path) -> None:
             off = (j * len(presets) + i) * 0.2 - 0.3
             ax.bar(x + off, med, 0.18, yerr=err, color=color(a), alpha=1.0 if i == 0 else 0.5,
                    label=f"{a}, {p}")
-    ax.set_xticks(x, [v.replace(", ", ",\n") for v in labels], fontsize=7)
+    ax.set_xticks(x, [v.replace(", ", ",\n") for v in labels], fontsize=9)
     ax.set(yscale="log", ylabel="mean off-grid regret (median, IQR)", title="off-grid regret by training variant")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=6)
-    fig.suptitle("Training grid and parameterisation: regret on other grids against each grid's exact optimum")
-    fig.tight_layout()
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Training grid and parameterisation:\nregret on other grids against each grid's exact optimum")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -226,7 +226,9 @@ def plot_throughput(r: dict, path: Path) -> None:
 
     from ..plotting import color
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    from ..plotting import COLUMN_INCHES
+
+    fig, ax = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 8.0), layout="constrained")
     labels, secs, peaks, counted, cols = [], [], [], [], []
     for run in r["runs"]:
         for key, a in run["algos"].items():
@@ -243,10 +245,9 @@ def plot_throughput(r: dict, path: Path) -> None:
     ax[1].set(ylabel="GiB", title="peak memory of the iteration")
     top = max([v for v in peaks + counted if not math.isnan(v)] or [1.0])
     ax[1].set_ylim(0, 1.35 * top)
-    ax[1].legend(fontsize=8, loc="upper left")
+    ax[1].legend(fontsize=9, loc="upper left")
     for a in ax:
         a.set_xticks(xs, labels, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

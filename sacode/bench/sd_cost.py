@@ -596,7 +596,9 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+    from ..plotting import COLUMN_INCHES
+
+    fig, ax = plt.subplots(2, 1, figsize=(COLUMN_INCHES, 8.0), layout="constrained")
     names = ("ddpo-reference", "ddpo", "ctpo", "ctpo+ckpt")
     shades = plt.get_cmap("Set2").colors[:len(PHASES)]       # phases, not methods: no book-wide method colours
     bottom = [0.0] * len(names)
@@ -605,8 +607,7 @@ def plot(r: dict, path: Path) -> None:
         ax[0].bar(names, vals, bottom=bottom, color=col, label=ph)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax[0].set(ylabel="TFLOP per image", title=f"FLOPs per image ({r['resolution']} px, K = {r['K']})")
-    ax[0].legend(fontsize=8, loc="upper left")
-    ax[0].set_ylim(0, max(bottom) * 1.45)
+    ax[0].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
     mem = r["memory"]
     labels, act, ck = [], [], []
     for m in MICRO_BATCHES:
@@ -618,9 +619,8 @@ def plot(r: dict, path: Path) -> None:
     ax[1].bar([x + 0.2 for x in xs], ck, 0.4, color="#aaaaaa", label="gradient checkpointing")
     ax[1].set_xticks(list(xs), labels)
     ax[1].set(ylabel="GiB (beyond the weights)", title="training micro-step: peak of its tensors (bf16)")
-    ax[1].legend(fontsize=8, loc="upper left")
+    ax[1].legend(fontsize=9, loc="upper left")
     ax[1].set_ylim(0, max(act) * 1.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -609,12 +609,12 @@ def _plot(res: dict, path: Path) -> None:
     line below ctpo's curve is cheaper for that M."""
     from matplotlib.figure import Figure
 
-    from ..plotting import color, setup
+    from ..plotting import COLUMN_INCHES, color, setup
     setup()
     names = list(res["break_even"])
-    ncol = min(3, len(names))
+    ncol = min(2, len(names))
     nrow = math.ceil(len(names) / ncol)
-    fig = Figure(figsize=(4.4 * ncol + 2.2, 3.5 * nrow))
+    fig = Figure(figsize=(COLUMN_INCHES, 2.9 * nrow + 1.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(nrow, ncol, squeeze=False))
     Ms = np.logspace(0, 6, 200)
     handles = {}
@@ -638,9 +638,9 @@ def _plot(res: dict, path: Path) -> None:
         ax.set(title=name, xlabel="aligned samples M", ylabel="score units per sample")
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("Fine-tune or steer: score units per aligned sample at N_tol (median over seeds; band: ctpo's "
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=3, fontsize=9,
+               frameon=False)
+    fig.suptitle("Fine-tune or steer: score units per aligned sample at N_tol\n(median over seeds; band: ctpo's "
                  "seeds)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (4.4 * ncol + 2.2), 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
