@@ -61,6 +61,11 @@ function texOf(container) {
   return container.textContent;
 }
 async function run() {
+  // on a loaded machine the page may still be building: wait (at most 30 s) for its article before measuring
+  const tArticle = Date.now();
+  while (!document.querySelector("article, [role=main]") && Date.now() - tArticle < 30000) {
+    await new Promise(r => setTimeout(r, 100));
+  }
   const result = {title: document.title, article: !!document.querySelector("article, [role=main]"),
                   mathjax: "absent", merror: [], undefined_macros: [], images: [], overflow: {}};
   const hasMath = document.querySelector(".math") !== null;
