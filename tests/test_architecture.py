@@ -47,11 +47,13 @@ def test_trainer_runs_the_chapter_3_rollout():
 
 
 def test_repository_cites_no_outside_documents():
-    pattern = re.compile(r"theory-notes|DESIGN\.md|reference/(peers|style|environment)|\.\./shared")
+    # the team's notes outside the repository, by name (split so that this file does not match itself)
+    names = ["theory" + "-notes", "DES" + r"IGN\.md", "refer" + "ence/(peers|style|environment)", r"\.\./" + "shared"]
+    pattern = re.compile("|".join(names))
     hits = []
     for root in ["sacode", "notebooks", "book", "tests"]:
         for p in (REPO / root).rglob("*"):
-            if p.is_file() and p.suffix in (".py", ".md", ".yml", ".bib", ".json") and p.name != Path(__file__).name:
+            if p.is_file() and p.suffix in (".py", ".md", ".yml", ".bib", ".json"):
                 hits += [f"{p.relative_to(REPO)}:{i + 1}" for i, ln in enumerate(p.read_text().splitlines())
                          if pattern.search(ln)]
     readme = (REPO / "README.md").read_text().splitlines()

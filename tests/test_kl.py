@@ -124,12 +124,10 @@ def test_torchsde_logqp_equals_em_riemann_sum():
         torchsde_path_kl(esde, SDE.prior_sample((4,), make_gen(4)), 0.0, 1.0, 0.1)
 
 
-def test_shift_matches_optimal_module_if_present():
-    optimal = pytest.importorskip("sacode.theory.optimal")
+def test_shift_matches_the_optimal_control():
+    from sacode.theory import optimal
     from sacode.theory.presets import toy_preset
 
-    if not hasattr(optimal, "optimal_control"):
-        pytest.skip("sacode.theory.optimal has no optimal_control")
     preset = toy_preset("gauss1d-linear")
     x = f64([-1.0, 0.0, 2.0])
     for t in [0.1, 0.5, 0.95]:

@@ -74,6 +74,23 @@ TOLERANCE_RULE = ("reached: |E x - target mean| <= 0.1 |target - pretrained| + f
                   "(toy presets); digits: J = E r - beta KL >= J of ctpo's fine-tuned sampler (same seed)")
 
 
+
+def _pool_methods(add, pool, t_pool: float, ns, M: int, beta: float, gen, exact_value=None) -> None:
+    """Best-of-N and importance resampling (and, given the exact value, importance resampling with the fixed
+    initial law) for every N in ``ns``, each on the first M N samples of one pretrained pool; the pool's sampling
+    time is shared in proportion to N."""
+    n_max = max(ns)
+    for N in ns:
+        sub = type(pool)(pool.x[: M * N], pool.rewards[: M * N], pool.K, pool.x0[: M * N], None)
+        share = t_pool * N / n_max
+        out, t = _timed(best_of_n, sub, N)
+        add("best-of-n", N, "tilted", out, t + share)
+        out, t = _timed(importance_resampling, sub, N, beta, gen)
+        add("importance", N, "tilted", out, t + share)
+        if exact_value is not None:
+            out, t = _timed(importance_resampling, sub, N, beta, gen, initial_value=exact_value)
+            add("importance-fixed", N, "fixed-initial", out, t + share)
+
 def discretisation_floor(preset, K: int, n: int) -> float:
     """The error |E x_T - optimal mean| of the exact optimal control run on the K-step Euler-Maruyama grid (n
     samples, the evaluation seed): what a converged method cannot beat on that grid (the mixture's floor)."""
@@ -238,16 +255,7 @@ def _toy(name: str, profile: str, seeds: int, cache: Path, sz: dict) -> tuple[li
         # pool-based methods (one pool serves every N)
         n_max = max(sz["pool_ns"])
         pool, t_pool = _timed(sample_pretrained, env, grid, tr, M * n_max, gen)
-        for N in sz["pool_ns"]:
-            sub = type(pool)(pool.x[: M * N], pool.rewards[: M * N], pool.K, pool.x0[: M * N], None)
-            share = t_pool * N / n_max
-            out, t = _timed(best_of_n, sub, N)
-            add("best-of-n", N, "tilted", out, t + share)
-            out, t = _timed(importance_resampling, sub, N, beta, gen)
-            add("importance", N, "tilted", out, t + share)
-            if gauss:
-                out, t = _timed(importance_resampling, sub, N, beta, gen, initial_value=exact_value)
-                add("importance-fixed", N, "fixed-initial", out, t + share)
+        _pool_methods(add, pool, t_pool, sz["pool_ns"], M, beta, gen, exact_value if gauss else None)
         # a value learned from the frozen sampler's own rollouts (the soft value of engine.soft_value)
         net = StructuredValue(env, hidden=cfg.hidden, depth=cfg.depth)
         fit, t_fit = _timed(fit_soft_value, env, net, grid, tr, sz["value_rollouts"], sz["value_batch"], gen,
@@ -428,13 +436,7 @@ def _digits(profile: str, seeds: int, cache: Path, sz: dict) -> tuple[list[dict]
         n_max = max(sz["d_pool_ns"])
         pool, t_pool = _timed(sample_pretrained, env, grid, tr, M * n_max, gen)
         bounds.append(float(beta * (torch.logsumexp(pool.rewards.double() / beta, 0) - math.log(pool.x.shape[0]))))
-        for N in sz["d_pool_ns"]:
-            sub = type(pool)(pool.x[: M * N], pool.rewards[: M * N], pool.K, pool.x0[: M * N], None)
-            share = t_pool * N / n_max
-            out, t = _timed(best_of_n, sub, N)
-            add("best-of-n", N, "tilted", out, t + share)
-            out, t = _timed(importance_resampling, sub, N, beta, gen)
-            add("importance", N, "tilted", out, t + share)
+        _pool_methods(add, pool, t_pool, sz["d_pool_ns"], M, beta, gen)
         tweedie = TweedieRewardValue(env)
         for N in sz["d_smc_ns"]:
             out, t = _timed(smc, env, grid, tr, tweedie, M, N, gen)
