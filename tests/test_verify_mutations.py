@@ -259,22 +259,23 @@ def test_hjb_catches_wrong_value_function(monkeypatch):
     assert_caught("optimal-hjb", list(b))
 
 
-def _shifted_law(orig, shift_mean=0.0, scale_cov=1.0, only_default=True):
-    def law(p, method="auto", *a, **k):
+def _perturbed(orig, change, only_default=True):
+    """``orig`` (a closed form taking ``method``) with ``change`` applied to its result (by default only to the
+    default method's, so that the check's independent computation stays right)."""
+    def perturbed(p, method="auto", *a, **k):
         out = orig(p, method, *a, **k)
-        if only_default and method != "auto":
-            return out
-        return dataclasses.replace(out, mean=out.mean + shift_mean, cov=out.cov * scale_cov)
-    return law
+        return out if only_default and method != "auto" else change(out)
+    return perturbed
+
+
+def _shifted_law(orig, shift_mean=0.0, scale_cov=1.0, only_default=True):
+    return _perturbed(orig, lambda out: dataclasses.replace(out, mean=out.mean + shift_mean,
+                                                            cov=out.cov * scale_cov), only_default)
 
 
 def _shifted_objective(orig, dJ=0.0, kl_factor=1.0, only_default=True):
-    def objective(p, method="auto", *a, **k):
-        out = orig(p, method, *a, **k)
-        if only_default and method != "auto":
-            return out
-        return dataclasses.replace(out, J=out.J + dJ, kl=out.kl * kl_factor)
-    return objective
+    return _perturbed(orig, lambda out: dataclasses.replace(out, J=out.J + dJ, kl=out.kl * kl_factor),
+                      only_default)
 
 
 def test_identities_catch_wrong_objective(monkeypatch):
